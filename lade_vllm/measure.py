@@ -1,0 +1,67 @@
+"""Side-by-side measurement helpers shared by the demo, the benchmarks and the tests."""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+
+def spec_counters(llm) -> dict[str, float]:
+    """Current values of vLLM's spec-decode counters (0 when the engine does not speculate)."""
+    out = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0}
+    names = {"vllm:spec_decode_num_drafts": "drafts",
+             "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens": "accepted"}
+    for metric in llm.get_metrics():
+        key = names.get(metric.name)
+        if key is not None:
+            out[key] += float(metric.value)
+    return out
+
+
+@dataclass
+class RunResult:
+    method: str
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+    accepted: float  # draft tokens accepted by verification (vLLM's counter)
+    drafts: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens per engine step of each request (the prefill step counts as one).
+
+        Every step emits one token from the target plus the accepted draft tokens, so
+        steps = tokens - accepted."""
+        steps = self.num_tokens - self.accepted
+        return self.num_tokens / steps if steps > 0 else 0.0
+
+
+def generate(llm, method: str, prompts, sampling_params) -> RunResult:
+    before = spec_counters(llm)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, sampling_params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    after = spec_counters(llm)
+    return RunResult(method=method, texts=[o.outputs[0].text for o in outs],
+                     token_ids=[list(o.outputs[0].token_ids) for o in outs], seconds=seconds,
+                     accepted=after["accepted"] - before["accepted"],
+                     drafts=after["drafts"] - before["drafts"])
+
+
+def shutdown(llm) -> None:
+    """Stop an engine's background processes now rather than at interpreter exit."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    gc.collect()
