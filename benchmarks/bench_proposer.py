@@ -1,0 +1,108 @@
+"""Host time of one lookahead step's proposer work (no model forward).
+
+    python benchmarks/bench_proposer.py [--threads 1] [--steps 300]
+
+Per step: pool lookup + tree build + (stand-in targets) + verify + window update/harvest + pool
+insert, via ``LookaheadState.propose`` / ``commit``. State is realistic: tokens come from a small
+"active" vocabulary so that keys repeat and the pools are populated (most keys hold G candidates).
+Reports the median over the timed steps after warm-up steps, for B=1 and B=64 at W=15, N=5, G=15.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lade_vllm.proposer import LookaheadState
+from lade_vllm.proposer import state as state_mod
+
+PHASES: dict[str, list[float]] = {}
+
+
+def timed(name, fn):
+    """Wrap ``fn`` to accumulate its wall time under ``name`` (for the per-phase breakdown)."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        PHASES.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+    return wrapper
+
+
+def install_phase_timers(state: LookaheadState) -> None:
+    state.pool.lookup = timed("pool.lookup", state.pool.lookup)
+    state.pool.insert = timed("pool.insert", state.pool.insert)
+    state.windows.update = timed("windows.update", state.windows.update)
+    state_mod.build_step_trees = timed("build_step_trees", state_mod.build_step_trees)
+    state_mod.verify_tree = timed("verify_tree", state_mod.verify_tree)
+
+
+def bench(batch: int, W: int, N: int, G: int, steps: int, warmup: int, active_vocab: int,
+          pool_from_prompt: bool, seed: int = 0, breakdown: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    state = LookaheadState(max(batch, 1), W, N, G, pool_from_prompt=pool_from_prompt)
+    if breakdown:
+        install_phase_timers(state)
+    slots = torch.arange(batch)
+    for s in range(batch):
+        prompt = torch.randint(active_vocab, (256,), generator=gen)
+        state.start(s, prompt, seed=s)
+    last = torch.randint(active_vocab, (batch,), generator=gen)
+    times, nodes, cands, emitted = [], [], [], []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        tree = state.propose(slots, last)
+        t1 = time.perf_counter()
+        # stand-in for the model: random targets from the active vocabulary (not timed)
+        target = torch.randint(active_vocab, (tree.total_nodes,), generator=gen)
+        t2 = time.perf_counter()
+        result = state.commit(slots, tree, target)
+        last = result.emitted.gather(1, (result.num_emitted - 1)[:, None])[:, 0]
+        t3 = time.perf_counter()
+        if step == warmup:
+            PHASES.clear()
+        if step >= warmup:
+            times.append((t1 - t0) + (t3 - t2))
+            nodes.append(tree.total_nodes / batch)
+            cands.append(int(tree.is_trie.sum()) / batch)
+            emitted.append(float(result.num_emitted.float().mean()))
+    return {
+        "B": batch, "median_ms": 1e3 * statistics.median(times),
+        "p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))],
+        "nodes_per_seq": statistics.mean(nodes), "trie_nodes_per_seq": statistics.mean(cands),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--window", type=int, default=15)
+    ap.add_argument("--ngram", type=int, default=5)
+    ap.add_argument("--guess", type=int, default=15)
+    ap.add_argument("--active-vocab", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print the median time of each phase (adds timer overhead)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={args.window} "
+          f"N={args.ngram} G={args.guess}, CPU, median over {args.steps} steps after {args.warmup}")
+    for pfp in (False, True):
+        for b in args.batches:
+            r = bench(b, args.window, args.ngram, args.guess, args.steps, args.warmup,
+                      args.active_vocab, pfp, breakdown=args.breakdown)
+            print(f"B={r['B']:3d} pool_from_prompt={int(pfp)}: median {r['median_ms']:.3f} ms/step "
+                  f"(p90 {r['p90_ms']:.3f}), {r['nodes_per_seq']:.1f} nodes/seq "
+                  f"({r['trie_nodes_per_seq']:.1f} trie)")
+            if args.breakdown:
+                print("    " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f}"
+                                         for k, v in PHASES.items()))
+                PHASES.clear()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Tree-masked attention on vLLM 0.32's CPU attention backend.
+
+What is subclassed / overridden (vllm 0.32.0, paths under ``vllm/``):
+
+- ``v1/attention/backends/cpu_attn.py``
+  - ``CPUAttentionBackend`` (49-106): ``get_impl_cls`` (100-102) and
+    ``get_builder_cls`` (104-106) overridden to return the Lade classes.
+    ``get_name`` stays "CPU_ATTN".
+  - ``CPUAttentionMetadata`` (109-128): dataclass subclass adding ``tree``.
+  - ``CPUAttentionMetadataBuilder.build`` (199-283): called via super(), its
+    result re-wrapped as ``LadeCPUAttentionMetadata`` with a per-step
+    :class:`TreeAttnPlan` (built once per step, shared by all layers).
+  - ``CPUAttentionBackendImpl.forward`` (344-461): super().forward() runs
+    vLLM's kernel ``ops.cpu_attention_with_kv_cache`` (440-459) for the whole
+    batch (exact for non-tree rows), then the rows of tree requests are
+    overwritten with a dense masked attention over K/V gathered from the paged
+    cache. The cache element order is probed, not assumed
+    (:mod:`lade_vllm.attention.kv_layout`); the ISA is ``layer.isa`` as set by
+    ``CPUAttentionMetadataBuilder._set_isa_to_layers`` (169-176).
+- ``v1/attention/backends/registry.py``: ``register_backend(backend,
+  class_path)`` (340-412) stores the override in ``_ATTN_OVERRIDES``;
+  ``AttentionBackendEnum.get_path`` (192-210) honours it, and
+  ``CpuPlatform.get_attn_backend_cls`` (``platforms/cpu.py:143-179``) always
+  returns ``AttentionBackendEnum.CPU_ATTN.get_path()`` for non-MLA models.
+  ``v1/attention/selector.py:_cached_get_attn_backend`` (203-225) caches the
+  resolution, so registration must precede model construction (we also clear
+  that cache when registering).
+
+Why the new tokens' K/V are already in the cache when ``forward`` runs:
+``CPUAttentionBackend.forward_includes_kv_cache_update = False`` (cpu_attn.py:50),
+so ``Attention.forward`` (``model_executor/layers/attention/attention.py``
+539-578) first calls ``unified_kv_cache_update`` (724-746), which calls
+``impl.do_kv_cache_update`` (cpu_attn.py:463-487, writing through
+``ops.cpu_attn_reshape_and_cache`` at the step's ``slot_mapping``), and only
+then ``unified_attention_with_output`` (767-795) -> ``impl.forward``; the
+``kv_cache_dummy_dep`` result threads a data dependency between the two so
+torch.compile keeps that order. vLLM's own kernel relies on the same fact: it
+reads all of ``[0, seq_len)`` from the paged cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+    _get_attn_isa,
+)
+
+from lade_vllm.attention import TreeLayout, get_step_layout
+from lade_vllm.attention.kv_layout import combined_perm, gather_kv, probe_layout
+from lade_vllm.attention.tree_math import tree_attention_dense
+
+__all__ = [
+    "TreeAttnPlan",
+    "LadeCPUAttentionMetadata",
+    "LadeCPUMetadataBuilder",
+    "LadeCPUAttentionImpl",
+    "LadeCPUAttentionBackend",
+    "build_tree_plan",
+    "register_cpu_tree_backend",
+]
+
+
+@dataclass
+class TreeAttnPlan:
+    """Per-step description of the tree requests, shared by all layers.
+
+    R = number of tree requests, Tq = max tree size, L = max(p + T).
+    """
+
+    req_indices: torch.Tensor  # [R] long, batch indices
+    query_rows: torch.Tensor  # [R, Tq] long rows of the flattened token dim
+    query_valid: torch.Tensor  # [R, Tq] bool
+    block_table: torch.Tensor  # [R, nblk] block ids (cover [0, L))
+    prefix_lens: torch.Tensor  # [R] long, p = seq_len - T
+    kv_lens: torch.Tensor  # [R] long, p + T
+    allowed: torch.Tensor  # [R, Tq, L] bool
+    flat_src: torch.Tensor  # [n] long, indices into the R*Tq padded rows
+    flat_dst: torch.Tensor  # [n] long, the matching token rows
+    max_query_len: int  # Tq
+    max_kv_len: int  # L
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.req_indices.numel())
+
+
+@dataclass
+class LadeCPUAttentionMetadata(CPUAttentionMetadata):
+    tree: TreeAttnPlan | None = None
+
+
+def build_tree_plan(
+    layout: TreeLayout,
+    query_start_loc_cpu: torch.Tensor,
+    seq_lens_cpu: torch.Tensor,
+    block_table: torch.Tensor,
+    num_reqs: int,
+    block_size: int,
+) -> TreeAttnPlan | None:
+    """Validate ``layout`` against the batch and precompute the plan."""
+    if len(layout.req_indices) != len(layout.tree_masks):
+        raise ValueError(
+            f"lade TreeLayout: {len(layout.req_indices)} req_indices but "
+            f"{len(layout.tree_masks)} tree_masks"
+        )
+    R = len(layout.req_indices)
+    if R == 0:
+        return None
+    ridx = torch.as_tensor(layout.req_indices, dtype=torch.long)
+    if ridx.min() < 0 or ridx.max() >= num_reqs:
+        raise ValueError(
+            f"lade TreeLayout: req_indices {layout.req_indices} out of range "
+            f"for a batch of {num_reqs} requests"
+        )
+    if torch.unique(ridx).numel() != R:
+        raise ValueError(
+            f"lade TreeLayout: duplicate req_indices {layout.req_indices}"
+        )
+    sizes = []
+    for r, m in enumerate(layout.tree_masks):
+        if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+            raise ValueError(
+                f"lade TreeLayout: tree_masks[{r}] must be a non-empty square "
+                f"[T, T] tensor, got shape {tuple(m.shape)}"
+            )
+        sizes.append(m.shape[0])
+    T = torch.tensor(sizes, dtype=torch.long)
+    qsl = query_start_loc_cpu.to(torch.long)
+    q_start = qsl[ridx]
+    q_len = qsl[ridx + 1] - q_start
+    bad = (q_len != T).nonzero().flatten().tolist()
+    if bad:
+        r = bad[0]
+        raise ValueError(
+            f"lade tree attention: request at batch index {int(ridx[r])} has "
+            f"{int(q_len[r])} scheduled query tokens but its tree mask has "
+            f"T={int(T[r])} nodes; they must be equal (was the request's "
+            "token budget truncated?)"
+        )
+    kv_lens = seq_lens_cpu.to(torch.long)[ridx]
+    prefix = kv_lens - T
+    if (prefix < 0).any():
+        r = int((prefix < 0).nonzero()[0])
+        raise ValueError(
+            f"lade tree attention: request at batch index {int(ridx[r])} has "
+            f"seq_len {int(kv_lens[r])} < tree size {int(T[r])}"
+        )
+
+    Tq = int(T.max())
+    L = int(kv_lens.max())
+    ar_q = torch.arange(Tq)
+    query_valid = ar_q[None, :] < T[:, None]
+    query_rows = q_start[:, None] + torch.where(query_valid, ar_q[None, :], 0)
+
+    masks = torch.zeros(R, Tq, Tq, dtype=torch.bool)
+    for r, m in enumerate(layout.tree_masks):
+        t = sizes[r]
+        masks[r, :t, :t] = m.to(device="cpu", dtype=torch.bool)
+
+    ar_l = torch.arange(L)
+    rel = ar_l[None, :] - prefix[:, None]  # [R, L] index into the new tokens
+    in_new = (rel >= 0) & (rel < T[:, None])
+    new_part = torch.gather(
+        masks, 2, rel.clamp(0, Tq - 1)[:, None, :].expand(R, Tq, L)
+    ) & in_new[:, None, :]
+    in_prefix = ar_l[None, :] < prefix[:, None]
+    allowed = (in_prefix[:, None, :] | new_part) & query_valid[:, :, None]
+
+    nblk = (L + block_size - 1) // block_size
+    if nblk > block_table.shape[1]:
+        raise ValueError(
+            f"lade tree attention: need {nblk} blocks per request but the "
+            f"block table has {block_table.shape[1]} columns"
+        )
+    bt = block_table.index_select(0, ridx.to(block_table.device))[:, :nblk]
+
+    flat_valid = query_valid.reshape(-1)
+    flat_src = flat_valid.nonzero().flatten()
+    flat_dst = query_rows.reshape(-1)[flat_src]
+    return TreeAttnPlan(
+        req_indices=ridx,
+        query_rows=query_rows,
+        query_valid=query_valid,
+        block_table=bt,
+        prefix_lens=prefix,
+        kv_lens=kv_lens,
+        allowed=allowed,
+        flat_src=flat_src,
+        flat_dst=flat_dst,
+        max_query_len=Tq,
+        max_kv_len=L,
+    )
+
+
+class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> LadeCPUAttentionMetadata:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        tree = None
+        layout = get_step_layout()
+        # Cross-attention (over encoder states) has no intra-step mask and
+        # encoder-only attention has no decode step: tree layouts only apply
+        # to decoder self-attention groups.
+        if (
+            layout is not None
+            and layout.req_indices
+            and not self.is_cross_attention
+            and not self.is_encoder_only_attention
+        ):
+            cam = common_attn_metadata
+            tree = build_tree_plan(
+                layout,
+                cam.query_start_loc_cpu,
+                cam.seq_lens.cpu(),
+                cam.block_table_tensor,
+                cam.num_reqs,
+                self.block_size,
+            )
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
+        return LadeCPUAttentionMetadata(**fields, tree=tree)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for(isa: str, dtype: torch.dtype, block_size: int, head_size: int,
+                kv_cache_dtype: str):
+    k_perm, v_perm = probe_layout(isa, dtype, block_size, head_size,
+                                  kv_cache_dtype)
+    return k_perm, v_perm, combined_perm(k_perm, v_perm)
+
+
+class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
+    def _check_tree_supported(self) -> None:
+        unsupported = []
+        if self.attn_type != AttentionType.DECODER:
+            unsupported.append(f"attn_type={self.attn_type}")
+        if self.alibi_slopes is not None:
+            unsupported.append("ALiBi")
+        if self.sliding_window not in (-1, None):
+            unsupported.append(f"sliding window ({self.sliding_window})")
+        if self.logits_soft_cap:
+            unsupported.append(f"logits softcap ({self.logits_soft_cap})")
+        if self.sinks is not None:
+            unsupported.append("attention sinks")
+        if self.is_fp8_kv_cache or self.kv_cache_dtype != "auto":
+            unsupported.append(f"kv_cache_dtype={self.kv_cache_dtype!r}")
+        if unsupported:
+            raise NotImplementedError(
+                "lade tree attention (CPU) does not support "
+                + ", ".join(unsupported)
+                + " for tree-decoded requests"
+            )
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CPUAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        result = super().forward(
+            layer,
+            query,
+            key,
+            value,
+            kv_cache,
+            attn_metadata,
+            output,
+            output_scale,
+            output_block_scale,
+        )
+        plan = getattr(attn_metadata, "tree", None)
+        if plan is None:
+            return result
+        self._check_tree_supported()
+        self._tree_overwrite(layer, query, kv_cache, plan, output)
+        return result
+
+    def _tree_overwrite(
+        self,
+        layer,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        plan: TreeAttnPlan,
+        output: torch.Tensor,
+    ) -> None:
+        _, _, block_size, two_hd = kv_cache.shape
+        head_size = two_hd // 2
+        isa = getattr(layer, "isa", None) or _get_attn_isa(
+            kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
+        )
+        k_perm, v_perm, perm = _layout_for(
+            isa, kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
+        )
+        k, v = gather_kv(kv_cache, plan.block_table, k_perm, v_perm, perm)
+        L = plan.max_kv_len
+        k = k[:, :L]
+        v = v[:, :L]
+        R, Tq = plan.query_rows.shape
+        q = query.view(query.shape[0], self.num_heads, self.head_size)
+        q = q.index_select(0, plan.query_rows.reshape(-1)).view(
+            R, Tq, self.num_heads, self.head_size
+        )
+        out = tree_attention_dense(q, k, v, plan.allowed, self.scale)
+        out_rows = out.reshape(R * Tq, self.num_heads, -1).index_select(
+            0, plan.flat_src
+        )
+        out_view = output.view(output.shape[0], self.num_heads, -1)
+        out_view.index_copy_(0, plan.flat_dst, out_rows.to(output.dtype))
+
+
+class LadeCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[LadeCPUAttentionImpl]:
+        return LadeCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LadeCPUMetadataBuilder]:
+        return LadeCPUMetadataBuilder
+
+
+BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"
+
+
+def register_cpu_tree_backend() -> None:
+    """Override ``AttentionBackendEnum.CPU_ATTN`` with the tree backend.
+
+    Must run in every process that builds a model (plugin entry point),
+    before the model's Attention layers are constructed.
+    """
+    from vllm.v1.attention.backends.registry import (
+        AttentionBackendEnum,
+        register_backend,
+    )
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    try:  # drop a resolution cached before registration (selector.py:203)
+        from vllm.v1.attention import selector
+
+        selector._cached_get_attn_backend.cache_clear()
+    except (ImportError, AttributeError):
+        pass

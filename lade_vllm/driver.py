@@ -1,0 +1,293 @@
+"""The worker-side lookahead step: what happens around the ONE model forward of each engine step.
+
+One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vllm.overrides):
+
+1. ``LadeDriver.propose`` (called by vLLM as the custom_class drafter, after the previous step's
+   bookkeeping): pool lookup + Jacobi window -> a token tree per request (proposer.LookaheadState).
+   The tree's nodes except the root go to the scheduler as this request's "draft tokens", in
+   storage order [trie candidates | window] so that a scheduler truncation drops window nodes first.
+2. ``LadeDriver.before_forward`` (wraps ``GPUModelRunner._prepare_inputs``): for each request whose
+   scheduled drafts are the tree we proposed, rewrite its RoPE positions to p + depth and publish the
+   tree masks for the attention backend (lade_vllm.attention).
+3. The model forward (vLLM's), with tree-masked attention for tree requests; logits at every node.
+4. ``LadeDriver.verify`` (inside ``LadeRejectionSampler.forward``): per-node greedy targets, tree
+   verification, window harvest/shift and pool update, emitted tokens written into vLLM's sampler
+   output, and the accepted path's KV moved to the canonical slots p+1..p+a.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lade_vllm.attention import TreeLayout, set_step_layout
+from lade_vllm.config import LadeConfig
+from lade_vllm.eligibility import is_eligible
+from lade_vllm.kv_move import KVMover
+from lade_vllm.proposer import LookaheadState, StepTree
+
+logger = logging.getLogger("lade_vllm")
+
+
+@dataclass
+class Proposal:
+    """The trees proposed for the next step, for the requests in ``req_ids``."""
+    req_ids: list[str]
+    slots: torch.Tensor          # [B]
+    last_tokens: torch.Tensor    # [B]
+    tree: StepTree
+    drafts: list[list[int]]      # per request: node tokens in storage order, root excluded
+    order: list[np.ndarray]      # per request: storage index -> local StepTree node index
+    parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
+    depth: list[np.ndarray]      # per request: storage-order depth
+
+
+@dataclass
+class StepPlan:
+    """This step's tree requests (batch order) and what verification needs about them."""
+    batch_idx: list[int] = field(default_factory=list)
+    prop_idx: list[int] = field(default_factory=list)     # index into the Proposal
+    num_nodes: list[int] = field(default_factory=list)    # scheduled nodes incl. root
+    full: list[bool] = field(default_factory=list)        # whole tree scheduled
+    slot_mapping: list[torch.Tensor] = field(default_factory=list)
+
+
+def _ancestor_mask(parent: np.ndarray) -> torch.Tensor:
+    n = parent.shape[0]
+    mask = np.eye(n, dtype=bool)
+    cur = np.arange(n)
+    while True:
+        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+        ok = cur >= 0
+        if not ok.any():
+            break
+        mask[np.nonzero(ok)[0], cur[ok]] = True
+    return torch.from_numpy(mask)
+
+
+def _verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray) -> list[int]:
+    """Accepted storage indices (path order, root excluded) of a tree whose nodes are in
+    topological order; greedy: a node is accepted when its token equals its parent's target."""
+    n = parent.shape[0]
+    ok = np.zeros(n, dtype=bool)
+    ok[0] = True
+    for i in range(1, n):
+        ok[i] = ok[parent[i]] and tokens[i] == target[parent[i]]
+    depth = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        depth[i] = depth[parent[i]] + 1
+    best = int(np.argmax(np.where(ok, depth, -1)))
+    path = []
+    while best > 0:
+        path.append(best)
+        best = int(parent[best])
+    return path[::-1]
+
+
+class LadeDriver:
+    """Per-runner lookahead state: request slots, the pending proposal, the current step plan."""
+
+    def __init__(self, cfg: LadeConfig, runner):
+        self.cfg = cfg
+        self.runner = runner
+        max_seqs = 2 * runner.input_batch.max_num_reqs
+        self.state = LookaheadState(max_seqs, cfg.window_size, cfg.ngram_size,
+                                    cfg.guess_set_size, max_keys=cfg.pool_max_keys,
+                                    pool_from_prompt=cfg.pool_from_prompt)
+        self.slot_of: dict[str, int] = {}
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
+        self.eligible: dict[str, bool] = {}
+        self.proposal: Proposal | None = None
+        self.plan: StepPlan | None = None
+        self.kv = KVMover(runner)
+
+    # ---- request lifetime -------------------------------------------------------------------
+    def release(self, req_ids) -> None:
+        freed = [self.slot_of.pop(r) for r in req_ids if r in self.slot_of]
+        for r in req_ids:
+            self.eligible.pop(r, None)
+        if freed:
+            self.state.free(torch.tensor(freed))
+            self.free_slots.extend(freed)
+
+    def _slot_for(self, req_id: str, row: int, num_tokens: int) -> int | None:
+        slot = self.slot_of.get(req_id)
+        if slot is None:
+            if not self.free_slots:
+                return None
+            slot = self.free_slots.pop()
+            self.slot_of[req_id] = slot
+            tokens = torch.from_numpy(
+                self.runner.input_batch.token_ids_cpu[row, :num_tokens].astype(np.int64))
+            self.state.start(slot, tokens, seed=self.cfg.seed)
+        return slot
+
+    def _is_eligible(self, req_id: str) -> bool:
+        ok = self.eligible.get(req_id)
+        if ok is None:
+            req = self.runner.requests.get(req_id)
+            ok = req is not None and is_eligible(req.sampling_params)
+            self.eligible[req_id] = ok
+        return ok
+
+    # ---- 1. propose -------------------------------------------------------------------------
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
+                ) -> list[list[int]]:
+        batch = self.runner.input_batch
+        live = set(self.runner.requests)
+        stale = [r for r in self.slot_of if r not in live]
+        if stale:
+            self.release(stale)
+        out: list[list[int]] = [[] for _ in sampled_token_ids]
+        rows, req_ids, slots, lasts = [], [], [], []
+        for i, sampled in enumerate(sampled_token_ids):
+            if not sampled:
+                continue
+            req_id = batch.req_ids[i]
+            if req_id is None or not self._is_eligible(req_id):
+                continue
+            slot = self._slot_for(req_id, i, int(num_tokens_no_spec[i]))
+            if slot is None:
+                continue
+            rows.append(i)
+            req_ids.append(req_id)
+            slots.append(slot)
+            lasts.append(sampled[-1])
+        self.proposal = None
+        if not rows:
+            return out
+        slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
+        tree = self.state.propose(slots_t, lasts_t)
+        prop = self._storage_order(req_ids, slots_t, lasts_t, tree)
+        for row, drafts in zip(rows, prop.drafts):
+            out[row] = drafts
+        self.proposal = prop
+        return out
+
+    @staticmethod
+    def _storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
+        """Reorder each request's nodes as [root | trie | window] (parents stay before children)."""
+        T = tree.total_nodes
+        group = torch.where(tree.is_trie, 1, 2)
+        group[tree.root_index] = 0
+        order = torch.argsort(tree.node_seq * 3 + group, stable=True)       # storage -> tree idx
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(T)
+        parent_s = torch.where(tree.parent[order] >= 0, inv[tree.parent[order].clamp(min=0)], -1)
+        start = tree.seq_start
+        tokens_s = tree.tokens[order].numpy()
+        parent_s, depth_s = parent_s.numpy(), tree.depth[order].numpy()
+        order_np, start_np = order.numpy(), start.numpy()
+        drafts, orders, parents, depths = [], [], [], []
+        for b in range(len(req_ids)):
+            lo, hi = int(start_np[b]), int(start_np[b + 1])
+            drafts.append(tokens_s[lo + 1:hi].tolist())
+            orders.append(order_np[lo:hi] - lo)
+            parents.append(np.where(parent_s[lo:hi] >= 0, parent_s[lo:hi] - lo, -1))
+            depths.append(depth_s[lo:hi])
+        return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths)
+
+    # ---- 2. before the forward --------------------------------------------------------------
+    def before_forward(self, scheduler_output) -> None:
+        runner = self.runner
+        if scheduler_output.finished_req_ids:
+            self.release(scheduler_output.finished_req_ids)
+        self.plan = None
+        prop = self.proposal
+        if prop is None:
+            set_step_layout(None)
+            return
+        batch = runner.input_batch
+        qsl = runner.query_start_loc.np
+        sched = scheduler_output.scheduled_spec_decode_tokens
+        plan = StepPlan()
+        layout = TreeLayout(req_indices=[], tree_masks=[])
+        slot_mapping = batch.block_table[0].slot_mapping.gpu
+        for k, req_id in enumerate(prop.req_ids):
+            i = batch.req_id_to_index.get(req_id)
+            drafts = sched.get(req_id)
+            if i is None or not drafts:
+                continue
+            n_sched = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            mine = prop.drafts[k]
+            if n_sched != len(drafts) + 1 or drafts != mine[:len(drafts)]:
+                continue  # not our tree (e.g. a resumed request): plain causal chain
+            n = len(drafts) + 1
+            start = int(qsl[i])
+            p = int(batch.num_computed_tokens_cpu[i])
+            depth = prop.depth[k][:n]
+            runner.positions[start:start + n] = torch.from_numpy(p + depth)
+            if not np.array_equal(depth, np.arange(n)):
+                layout.req_indices.append(i)
+                layout.tree_masks.append(_ancestor_mask(prop.parent[k][:n]))
+            plan.batch_idx.append(i)
+            plan.prop_idx.append(k)
+            plan.num_nodes.append(n)
+            plan.full.append(n == len(mine) + 1)
+            plan.slot_mapping.append(slot_mapping[start:start + n].clone())
+        set_step_layout(layout if layout.req_indices else None)
+        self.plan = plan if plan.batch_idx else None
+
+    # ---- 4. verification --------------------------------------------------------------------
+    def verify(self, metadata, target: torch.Tensor, sampled: torch.Tensor) -> None:
+        """``target`` [num_logits] greedy token per logits row; ``sampled`` [B, S] vLLM's output,
+        rewritten in place for tree requests."""
+        plan, prop = self.plan, self.proposal
+        self.plan = None
+        self.proposal = None
+        set_step_layout(None)
+        if plan is None:
+            return
+        cu = metadata.cu_num_sampled_tokens.cpu().numpy()
+        row_start = {i: int(cu[i]) - n for i, n in
+                     zip(plan.batch_idx, (metadata.num_draft_tokens[i] + 1 for i in plan.batch_idx))}
+        moves_src, moves_dst = [], []
+        emitted: dict[int, list[int]] = {}
+        paths: dict[int, list[int]] = {}
+        full = [j for j, f in enumerate(plan.full) if f]
+        if full:
+            ks = [plan.prop_idx[j] for j in full]
+            if len(ks) == len(prop.req_ids):
+                tree, sub_slots = prop.tree, prop.slots
+            else:
+                sel = torch.tensor(ks)
+                sub_slots = prop.slots[sel]
+                tree = self.state.propose(sub_slots, prop.last_tokens[sel])
+            tree_target = torch.empty(tree.total_nodes, dtype=torch.long)
+            for b, j in enumerate(full):
+                i, k, n = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j]
+                lo = int(tree.seq_start[b])
+                rows = target[row_start[i]:row_start[i] + n]
+                tree_target[lo + torch.from_numpy(prop.order[k][:n])] = rows
+            res = self.state.commit(sub_slots, tree, tree_target)
+            num_em = res.num_emitted.tolist()
+            em = res.emitted.tolist()
+            acc = res.accepted_nodes.tolist()
+            for b, j in enumerate(full):
+                k = plan.prop_idx[j]
+                lo = int(tree.seq_start[b])
+                inv = np.empty_like(prop.order[k])
+                inv[prop.order[k]] = np.arange(len(prop.order[k]))
+                emitted[j] = em[b][:num_em[b]]
+                paths[j] = [int(inv[a - lo]) for a in acc[b][:num_em[b] - 1]]
+        for j, f in enumerate(plan.full):
+            if f:
+                continue
+            i, k, n = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j]
+            tokens = np.array([int(prop.last_tokens[k])] + prop.drafts[k][:n - 1])
+            tgt = target[row_start[i]:row_start[i] + n].numpy()
+            path = _verify_subtree(prop.parent[k][:n], tokens, tgt)
+            paths[j] = path
+            emitted[j] = [int(tokens[s]) for s in path] + [int(tgt[path[-1] if path else 0])]
+        for j, i in enumerate(plan.batch_idx):
+            toks = emitted[j]
+            sampled[i, :] = -1
+            sampled[i, :len(toks)] = torch.tensor(toks, dtype=sampled.dtype)
+            for depth, s in enumerate(paths[j], start=1):
+                if s != depth:
+                    moves_src.append(plan.slot_mapping[j][s])
+                    moves_dst.append(plan.slot_mapping[j][depth])
+        if moves_src:
+            self.kv.move(torch.stack(moves_src), torch.stack(moves_dst))

@@ -1,0 +1,50 @@
+"""Which requests may be decoded with lookahead trees (the rest decode normally, never wrongly).
+
+Tree verification here is greedy on raw logits, so a request is eligible only when vLLM's sampler
+would pick the plain argmax and report nothing else per token. Anything else (sampling, penalties,
+logits processors, bad words, structured output, logprobs, min_tokens, logit bias, allowed token
+ids) is decoded without speculation and a warning is logged once per reason.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("lade_vllm")
+_warned: set[str] = set()
+
+
+def ineligible_reason(sp) -> str | None:
+    """Why a request with SamplingParams ``sp`` cannot use lade trees, or None if it can."""
+    if sp is None:
+        return "no sampling params"
+    extra = getattr(sp, "extra_args", None) or {}
+    if extra.get("lade") is False:
+        return "disabled by extra_args={'lade': False}"
+    if getattr(sp, "temperature", 0.0) > 1e-5:
+        return "temperature > 0 (lade sampling not enabled yet)"
+    if sp.logprobs is not None or getattr(sp, "logprob_token_ids", None):
+        return "logprobs requested"
+    if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
+        return "penalties"
+    if getattr(sp, "watermarking", None) or getattr(sp, "thinking_token_budget", None) \
+            or getattr(sp, "repetition_detection", None) is not None:
+        return "token-dependent logits processing"
+    if getattr(sp, "bad_words", None) or getattr(sp, "_bad_words_token_ids", None):
+        return "bad_words"
+    if getattr(sp, "structured_outputs", None) is not None:
+        return "structured output"
+    if sp.min_tokens:
+        return "min_tokens"
+    if sp.logit_bias:
+        return "logit_bias"
+    if getattr(sp, "allowed_token_ids", None):
+        return "allowed_token_ids"
+    return None
+
+
+def is_eligible(sp) -> bool:
+    reason = ineligible_reason(sp)
+    if reason is not None and not reason.startswith("disabled") and reason not in _warned:
+        _warned.add(reason)
+        logger.warning("lade: requests with %s are decoded without speculation", reason)
+    return reason is None

@@ -1,0 +1,266 @@
+"""Per-sequence n-gram pools, held as tensors for ``max_seqs`` sequence slots.
+
+A pool maps a key token to up to G continuations of N-1 tokens (the rest of an n-gram whose first
+token is the key). Continuations of a key are kept in insertion order; inserting a continuation that
+is already there refreshes it to newest; when a key already holds G continuations, the oldest one is
+evicted. This is the pool of the reference implementation.
+
+Unlike the reference, the number of keys per sequence is bounded (the vocabulary is ~49k and a batch
+can hold hundreds of sequences, so a [slots, vocab, ...] table is out of the question):
+
+* each slot has ``max_keys`` key entries, split into ``max_keys // key_ways`` hash buckets of
+  ``key_ways`` entries (``bucket_of(key)`` picks the bucket);
+* when a new key arrives in a full bucket, the key of that bucket that was least recently inserted
+  into (any insert of an n-gram with that key counts; lookups do not) is evicted with all its
+  continuations.
+
+Exact semantics of one ``insert`` call (this is what ``tests/proposer/test_pool.py`` checks against a
+dict-of-lists model): rows are processed in row order for the continuation lists, i.e. the result
+for every key that stays is exactly what one-by-one insertion would give. Key eviction is resolved
+once per call: after the call, each bucket keeps the ``key_ways`` keys with the most recent inserts
+(so a key is never evicted and re-created inside one call; one-by-one insertion could differ only
+when a bucket would overflow in the middle of a call).
+
+Memory: ``NgramPool.bytes_for(N, G, max_keys)`` bytes per slot (tokens are stored as int32, recency
+stamps as int64): 380,928 bytes (372 KiB) for N=5, G=15, max_keys=1024, so 93 MiB for 256 slots.
+"""
+from __future__ import annotations
+
+import torch
+
+_EMPTY = -1
+_KEY_SHIFT = 32  # (group << 32) | token packs a bucket id and a token (< 2**31) into one int64
+
+
+def ngrams_from_tokens(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """All sliding n-grams of ``tokens`` [L]: returns [max(L-n+1, 0), n] (int64)."""
+    tokens = tokens.reshape(-1).long()
+    if tokens.numel() < n:
+        return tokens.new_empty((0, n))
+    return tokens.unfold(0, n, 1).contiguous()
+
+
+class NgramPool:
+    """Bounded n-gram pools for ``max_seqs`` slots; see the module docstring for the semantics.
+
+    Storage (flat, one extra trailing "dump" row that absorbs masked-out writes):
+    ``keys`` / ``key_stamp`` [S*buckets + 1, key_ways], ``conts`` [S*max_keys + 1, G, N-1] and
+    ``cont_stamp`` [S*max_keys + 1, G]. Key entry (s, bucket, way) is row ``(s*buckets + bucket)``,
+    column ``way`` of the key tables and row ``(s*buckets + bucket)*key_ways + way`` of the
+    continuation tables. Stamps are insert times (-1 = empty).
+    """
+
+    def __init__(self, max_seqs: int, ngram_size: int, guess_set_size: int, max_keys: int = 1024,
+                 key_ways: int = 16, device: str | torch.device = "cpu"):
+        if ngram_size < 2:
+            raise ValueError(f"ngram_size must be >= 2, got {ngram_size}")
+        if guess_set_size < 1:
+            raise ValueError(f"guess_set_size must be >= 1, got {guess_set_size}")
+        key_ways = min(key_ways, max_keys)
+        if max_keys < 1 or max_keys % key_ways:
+            raise ValueError(f"max_keys ({max_keys}) must be a positive multiple of key_ways ({key_ways})")
+        if max_seqs * max_keys >= 1 << 23:
+            raise ValueError(f"max_seqs * max_keys must be < 2**23, got {max_seqs} * {max_keys}")
+        self.max_seqs = max_seqs
+        self.ngram_size = ngram_size
+        self.guess_set_size = guess_set_size
+        self.max_keys = max_keys
+        self.key_ways = key_ways
+        self.num_buckets = max_keys // key_ways
+        self.device = torch.device(device)
+        S, A, G, D = max_seqs, key_ways, guess_set_size, ngram_size - 1
+        dev = self.device
+        nk = S * self.num_buckets
+        self.keys = torch.full((nk + 1, A), _EMPTY, dtype=torch.int32, device=dev)
+        self.key_stamp = torch.full((nk + 1, A), _EMPTY, dtype=torch.int64, device=dev)
+        self.conts = torch.full((nk * A + 1, G, D), _EMPTY, dtype=torch.int32, device=dev)
+        self.cont_stamp = torch.full((nk * A + 1, G), _EMPTY, dtype=torch.int64, device=dev)
+        self._key_dump = nk
+        self._cont_dump = nk * A
+        self._clock = 0
+
+    # ------------------------------------------------------------------ sizes
+    @staticmethod
+    def bytes_for(ngram_size: int, guess_set_size: int, max_keys: int = 1024) -> int:
+        """Bytes of pool state per sequence slot."""
+        per_key = 4 + 8 + guess_set_size * ((ngram_size - 1) * 4 + 8)
+        return max_keys * per_key
+
+    def bytes_per_seq(self) -> int:
+        return self.bytes_for(self.ngram_size, self.guess_set_size, self.max_keys)
+
+    # ------------------------------------------------------------------ helpers
+    def bucket_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """Bucket index [..] of key tokens [..] (multiplicative hash)."""
+        h = (keys.long() * 0x9E3779B1) & 0xFFFFFFFF
+        return (h >> 12) % self.num_buckets
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Forget everything stored for ``slots`` [k]."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
+        nb, A = self.num_buckets, self.key_ways
+        rows = (slots[:, None] * nb + torch.arange(nb, device=self.device)).reshape(-1)
+        self.keys.index_fill_(0, rows, _EMPTY)
+        self.key_stamp.index_fill_(0, rows, _EMPTY)
+        crows = (rows[:, None] * A + torch.arange(A, device=self.device)).reshape(-1)
+        self.cont_stamp.index_fill_(0, crows, _EMPTY)
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, slots: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuations of ``keys`` [B] in the pools of ``slots`` [B].
+
+        Returns ``cands`` [B, G, N-1] (int64, -1 where invalid) and ``valid`` [B, G] (bool), oldest
+        first with the valid ones packed at the front.
+        """
+        A, D = self.key_ways, self.ngram_size - 1
+        slots = slots.long()
+        keys = keys.long()
+        group = torch.where(keys >= 0, slots * self.num_buckets + self.bucket_of(keys), self._key_dump)
+        match = (self.keys.index_select(0, group) == keys[:, None]) & (keys >= 0)[:, None]  # [B, A]
+        found = match.any(1)
+        kidx = torch.where(found, group * A + match.to(torch.uint8).argmax(1), self._cont_dump)
+        stamps = torch.where(found[:, None], self.cont_stamp.index_select(0, kidx), _EMPTY)  # [B, G]
+        order = torch.where(stamps >= 0, stamps, torch.iinfo(torch.int64).max).argsort(1)
+        valid = stamps.gather(1, order) >= 0
+        cands = self.conts.index_select(0, kidx).long()                                   # [B, G, D]
+        cands = cands.gather(1, order[:, :, None].expand(-1, -1, D))
+        cands = torch.where(valid[:, :, None], cands, _EMPTY)
+        return cands, valid
+
+    # ------------------------------------------------------------------ insert
+    def insert(self, slots: torch.Tensor, ngrams: torch.Tensor) -> None:
+        """Insert n-grams ``ngrams`` [M, N] into the pools of ``slots`` [M], as if row by row.
+
+        ``ngrams[:, 0]`` is the key, ``ngrams[:, 1:]`` the continuation. Rows with a negative token
+        or a negative slot are ignored.
+        """
+        A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
+        slots = slots.reshape(-1).long()
+        ngrams = ngrams.reshape(-1, self.ngram_size).long()
+        ok = (ngrams >= 0).all(1) & (slots >= 0)
+        if not bool(ok.all()):
+            slots, ngrams = slots[ok], ngrams[ok]
+        m = ngrams.shape[0]
+        if m == 0:
+            return
+        stamp = torch.arange(self._clock, self._clock + m, device=self.device)
+        self._clock += m
+        key = ngrams[:, 0]
+        group = slots * self.num_buckets + self.bucket_of(key)
+
+        # -- key level: one row per distinct (bucket, key), stamped with its latest insert
+        ukey, inv = torch.unique((group << _KEY_SHIFT) | key, return_inverse=True)  # sorted by group
+        ustamp = torch.full_like(ukey, _EMPTY).scatter_reduce_(0, inv, stamp, "amax")
+        utok = (ukey & ((1 << _KEY_SHIFT) - 1)).to(torch.int32)
+        ugroup = ukey >> _KEY_SHIFT
+        way, placed = _merge_recent(self.keys[:, :, None], self.key_stamp, ugroup, utok[:, None],
+                                    ustamp)
+        # a new key took these entries: their old continuations are gone
+        self.cont_stamp.index_fill_(0, torch.where(placed, ugroup * A + way, self._cont_dump), _EMPTY)
+
+        # -- continuation level: one row per distinct (key entry, continuation)
+        row_way = way[inv]
+        kept = row_way >= 0
+        rows = torch.cat([(group * A + row_way)[:, None], ngrams[:, 1:]], 1)
+        rstamp = stamp
+        if not bool(kept.all()):
+            rows, rstamp = rows[kept], rstamp[kept]
+        urows, inv2 = _unique_rows(rows)                                             # sorted by kidx
+        ustamp2 = torch.full((urows.shape[0],), _EMPTY, dtype=torch.int64, device=self.device)
+        ustamp2.scatter_reduce_(0, inv2, rstamp, "amax")
+        _merge_recent(self.conts, self.cont_stamp, urows[:, 0],
+                      urows[:, 1:].to(torch.int32).contiguous(), ustamp2)
+
+
+_HASH_BITS = 40
+
+
+def _hash_mults(n: int) -> list[int]:
+    """n odd 64-bit multipliers (as signed int64 values) for the row hash."""
+    out = []
+    for k in range(n):
+        m = ((0x9E3779B97F4A7C15 * (2 * k + 1)) ^ (0xBF58476D1CE4E5B9 >> k)) & ((1 << 64) - 1) | 1
+        out.append(m - (1 << 64) if m >= 1 << 63 else m)
+    return out
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(rows, dim=0, return_inverse=True)`` for rows [M, 1+D] of non-negative int64
+    whose first column is < 2**23, sorted by that column (not fully lexicographically).
+
+    Fast path: a 40-bit hash of the other columns (a linear combination with odd 64-bit multipliers,
+    then one xor-shift) is packed under the first column and de-duplicated in 1-D; a hash collision
+    is detected exactly and falls back to the slow ``unique(dim=0)``.
+    """
+    mult = torch.tensor(_hash_mults(rows.shape[1] - 1), device=rows.device)
+    h = ((rows[:, 1:] + 1) * mult).sum(1)  # int64 arithmetic wraps around
+    h = h ^ (h >> 29)
+    packed = (rows[:, 0] << _HASH_BITS) | (h & ((1 << _HASH_BITS) - 1))
+    upacked, inv = torch.unique(packed, return_inverse=True)
+    first = torch.full_like(upacked, rows.shape[0]).scatter_reduce_(
+        0, inv, torch.arange(rows.shape[0], device=rows.device), "amin")
+    urows = rows.index_select(0, first)
+    if bool((urows.index_select(0, inv) == rows).all()):
+        return urows, inv
+    return torch.unique(rows, dim=0, return_inverse=True)
+
+
+def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a == b).all(-1)`` for int32 token rows (compared as int64 pairs when D is even)."""
+    if a.shape[-1] % 2 == 0 and a.dtype == torch.int32 and a.is_contiguous() and b.is_contiguous():
+        a = a.reshape(-1).view(torch.int64).reshape(*a.shape[:-1], a.shape[-1] // 2)
+        b = b.reshape(-1).view(torch.int64).reshape(*b.shape[:-1], b.shape[-1] // 2)
+    if a.shape[-1] == 1:
+        return (a == b)[..., 0]
+    return (a == b).all(-1)
+
+
+def _merge_recent(items: torch.Tensor, stamps: torch.Tensor, group: torch.Tensor,
+                  new_items: torch.Tensor, new_stamps: torch.Tensor):
+    """Batched "keep the C most recent distinct items" update, in place.
+
+    items [Q+1, C, D] / stamps [Q+1, C] (-1 = empty): Q lists of capacity C and a dump row Q.
+    ``group`` [R] (sorted ascending), ``new_items`` [R, D], ``new_stamps`` [R]: distinct
+    (group, item) rows, each stamped with its latest insert time (newer than anything stored).
+    Afterwards each touched list holds the C most recent items of (old items, with refreshed stamps)
+    + (new rows). Entries that stay keep their index; new items go to freed or empty entries.
+
+    Returns ``entry`` [R] (entry of each row after the update, -1 if it did not fit) and ``placed``
+    [R] (bool, the row is a new item written to ``entry``).
+    """
+    C = stamps.shape[1]
+    dump = (stamps.shape[0] - 1) * C
+    old_stamps = stamps.index_select(0, group)                                      # [R, C]
+    match = _rows_equal(items.index_select(0, group), new_items[:, None, :]) & (old_stamps >= 0)
+    hit = match.any(1)
+    entry = torch.where(hit, match.to(torch.uint8).argmax(1), -1)
+    flat_stamps = stamps.view(-1)
+    flat_stamps.scatter_(0, torch.where(hit, group * C + entry, dump), new_stamps)  # refresh
+    if bool(hit.all()):
+        return entry, torch.zeros_like(hit)
+    # new rows compete with the (refreshed) stored items of their list for the C entries
+    new = torch.nonzero(~hit).squeeze(1)
+    ngroup = group[new]
+    ugroup, ginv, counts = torch.unique_consecutive(ngroup, return_inverse=True, return_counts=True)
+    rank = torch.arange(new.numel(), device=group.device) - (counts.cumsum(0) - counts)[ginv]
+    pad = torch.full((ugroup.numel(), int(counts.max())), -2, dtype=stamps.dtype, device=stamps.device)
+    pad[ginv, rank] = new_stamps[new]
+    both = torch.cat([stamps.index_select(0, ugroup), pad], 1)                     # [U, C+width]
+    keep = torch.zeros_like(both, dtype=torch.bool)
+    keep.scatter_(1, both.argsort(dim=1, descending=True)[:, :C], True)
+    keep &= both >= 0
+    freed_first = keep[:, :C].to(torch.int8).argsort(dim=1, stable=True)          # freed entries first
+    new_kept = keep[:, C:]
+    target = freed_first.gather(1, (new_kept.long().cumsum(1) - 1).clamp(min=0))
+    placed_new = new_kept[ginv, rank]
+    # a refreshed row can still be pushed out by newer new rows of its list
+    pos = torch.searchsorted(ugroup, group.contiguous()).clamp(max=ugroup.numel() - 1)
+    evicted = hit & (ugroup[pos] == group) & ~keep[pos, entry.clamp(min=0)]
+    entry = torch.where(evicted, -1, entry)
+    entry[new] = torch.where(placed_new, target[ginv, rank], -1)
+    placed = torch.zeros_like(hit)
+    placed[new] = placed_new
+    flat = torch.where(placed_new, ngroup * C + entry[new], dump)
+    flat_stamps.scatter_(0, flat, new_stamps[new])
+    items.view(-1, items.shape[-1]).index_copy_(0, flat, new_items[new])
+    return entry, placed

@@ -1,0 +1,125 @@
+"""``LookaheadState``: pool + windows for ``max_seqs`` slots, one decoding step top to bottom.
+
+    tree = state.propose(slots, last_tokens)     # pool lookup -> step tree
+    target = <model forward over tree, argmax or sample per node>   # outside, [tree.total_nodes]
+    result = state.commit(slots, tree, target)   # verify -> harvest into pool -> shift windows
+                                                 #   -> output n-grams into pool (pool_from_prompt)
+"""
+from __future__ import annotations
+
+import torch
+
+from .pool import NgramPool, ngrams_from_tokens
+from .tree import StepTree, build_step_trees
+from .verify import VerifyResult, verify_tree
+from .window import JacobiWindows
+
+_EMPTY = -1
+
+
+class LookaheadState:
+    """Per-slot lookahead state (n-gram pool, Jacobi window, last N-1 committed tokens)."""
+
+    def __init__(self, max_seqs: int, window_size: int, ngram_size: int, guess_set_size: int,
+                 max_keys: int = 1024, pool_from_prompt: bool = False,
+                 device: str | torch.device = "cpu"):
+        self.max_seqs = max_seqs
+        self.window_size = window_size
+        self.ngram_size = ngram_size
+        self.guess_set_size = guess_set_size
+        self.device = torch.device(device)
+        self.pool = NgramPool(max_seqs, ngram_size, guess_set_size, max_keys=max_keys, device=device)
+        self.windows = JacobiWindows(max_seqs, window_size, ngram_size, device=device)
+        self.pool_from_prompt = pool_from_prompt
+        self.output_ngrams = torch.zeros(max_seqs, dtype=torch.bool, device=self.device)
+        # last N-1 committed tokens per slot (the last one is t), -1 left padding
+        self.history = torch.full((max_seqs, ngram_size - 1), _EMPTY, dtype=torch.long,
+                                  device=self.device)
+
+    def start(self, slot: int, tokens: torch.Tensor, seed: int,
+              pool_from_prompt: bool | None = None, width: int | None = None) -> None:
+        """Start ``slot`` from ``tokens`` [L] = every committed token so far (prompt, plus any token
+        already generated); the last one is the t of the first ``propose``."""
+        tokens = torch.as_tensor(tokens).reshape(-1).long().to(self.device)
+        pfp = self.pool_from_prompt if pool_from_prompt is None else pool_from_prompt
+        slot_t = torch.tensor([slot], device=self.device)
+        self.pool.reset(slot_t)
+        self.windows.init([slot], [tokens], seed, width=width)
+        if pfp:
+            grams = ngrams_from_tokens(tokens, self.ngram_size)
+            self.pool.insert(slot_t.expand(grams.shape[0]), grams)
+        self.output_ngrams[slot] = pfp
+        hist = torch.full((self.ngram_size - 1,), _EMPTY, dtype=torch.long, device=self.device)
+        tail = tokens[-(self.ngram_size - 1):]
+        hist[hist.numel() - tail.numel():] = tail
+        self.history[slot] = hist
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Forget ``slots`` [k] (request finished, aborted or preempted)."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
+        self.pool.reset(slots)
+        self.windows.reset(slots)
+        self.output_ngrams[slots] = False
+        self.history[slots] = _EMPTY
+
+    def propose(self, slots: torch.Tensor, last_tokens: torch.Tensor,
+                enabled: torch.Tensor | None = None, max_cand_len: int | None = None) -> StepTree:
+        """Step tree for ``slots`` [B] whose last committed tokens are ``last_tokens`` [B].
+
+        ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding)."""
+        slots = slots.long()
+        cands, valid = self.pool.lookup(slots, last_tokens)
+        levels, filled, width = self.windows.window_inputs(slots)
+        if enabled is not None:
+            filled = torch.where(enabled, filled, 0)
+            valid = valid & enabled[:, None]
+        return build_step_trees(last_tokens, levels, filled, cands, valid,
+                                max_cand_len=max_cand_len, window_size=width)
+
+    def commit(self, slots: torch.Tensor, tree: StepTree, target: torch.Tensor) -> VerifyResult:
+        """Verify with per-node ``target`` [tree.total_nodes], then update pool and windows.
+
+        Returns the ``VerifyResult`` (emitted tokens [B, D+1], -1 padded; the caller may still cut
+        them at EOS / max_tokens)."""
+        slots = slots.long()
+        target = target.long()
+        result = verify_tree(tree, target)
+        W, N = self.window_size, self.ngram_size
+        last = tree.tokens[tree.root_index]
+        top_idx = tree.top_level_index
+        top = torch.where(top_idx >= 0, target[top_idx.clamp(min=0)], _EMPTY)
+        # sequences without a window this step (disabled) keep their window frozen
+        wslots = torch.where(tree.window_levels > 0, slots, -1)
+        active = wslots >= 0
+        if bool(active.all()):
+            grams = self.windows.update(slots, last, top)
+        else:
+            grams = torch.full((slots.numel(), W, N), _EMPTY, dtype=torch.long, device=self.device)
+            grams[active] = self.windows.update(slots[active], last[active], top[active])
+        rows_slot = wslots[:, None].expand(-1, W)
+        if bool(self.output_ngrams.any()):
+            out_slot, out_grams = self._output_ngrams(slots, result)
+            self.pool.insert(torch.cat([rows_slot.reshape(-1), out_slot]),
+                             torch.cat([grams.reshape(-1, N), out_grams]))
+        else:
+            self._advance_history(slots, result)
+            self.pool.insert(rows_slot.reshape(-1), grams.reshape(-1, N))
+        return result
+
+    def _advance_history(self, slots: torch.Tensor, result: VerifyResult) -> torch.Tensor:
+        """Append the emitted tokens to ``history``; returns history ++ emitted [B, N-1 + D+1]."""
+        seq = torch.cat([self.history[slots], result.emitted], 1)
+        idx = result.num_emitted[:, None] + torch.arange(self.ngram_size - 1, device=self.device)
+        self.history[slots] = seq.gather(1, idx)
+        return seq
+
+    def _output_ngrams(self, slots: torch.Tensor, result: VerifyResult):
+        """N-grams ending at each emitted token, for slots with output n-grams on: ([M], [M, N])."""
+        N = self.ngram_size
+        seq = self._advance_history(slots, result)                              # [B, N-1+E]
+        grams = seq.unfold(1, N, 1)                                              # [B, E, N]
+        E = grams.shape[1]
+        ok = (torch.arange(E, device=self.device)[None, :] < result.num_emitted[:, None]) \
+            & self.output_ngrams[slots][:, None]
+        rows_slot = torch.where(ok, slots[:, None], -1)
+        return rows_slot.reshape(-1), grams.reshape(-1, N)
