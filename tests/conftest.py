@@ -27,7 +27,7 @@ def make_llm(model: str, **kwargs):
     """An engine with test defaults: float32 (exactness), eager (fast start), seeded."""
     from vllm import LLM
     args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=2048,
-                max_num_seqs=8, seed=0)
+                max_num_seqs=8, seed=0, disable_log_stats=False)
     args.update(kwargs)
     return LLM(**args)
 

@@ -88,6 +88,7 @@ class TreeAttnPlan:
     flat_dst: torch.Tensor  # [n] long, the matching token rows
     max_query_len: int  # Tq
     max_kv_len: int  # L
+    covers_all: bool = False  # every scheduled token is a tree token: skip vLLM's kernel
 
     @property
     def num_reqs(self) -> int:
@@ -230,6 +231,8 @@ class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 cam.num_reqs,
                 self.block_size,
             )
+            tree.covers_all = (tree.num_reqs == cam.num_reqs
+                               and int(tree.flat_dst.numel()) == cam.num_actual_tokens)
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
         return LadeCPUAttentionMetadata(**fields, tree=tree)
 
@@ -276,6 +279,12 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        plan = getattr(attn_metadata, "tree", None)
+        if plan is not None and plan.covers_all:
+            # every row is overwritten below; vLLM's causal kernel would be wasted work
+            self._check_tree_supported()
+            self._tree_overwrite(layer, query, kv_cache, plan, output)
+            return output
         result = super().forward(
             layer,
             query,

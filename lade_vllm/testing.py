@@ -1,0 +1,49 @@
+"""Instrumentation for tests: a vLLM worker extension that counts model forwards per engine step.
+
+    LLM(..., worker_extension_cls="lade_vllm.testing.ForwardCounter")
+    llm.collective_rpc("lade_count_forwards")      # install counters
+    ... generate ...
+    llm.collective_rpc("lade_forward_counts")      # -> [{"steps": .., "per_step": {..}, ...}]
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+
+class ForwardCounter:
+    """Mixed into vLLM's worker class (``ParallelConfig.worker_extension_cls``)."""
+
+    def lade_count_forwards(self) -> bool:
+        runner = self.model_runner
+        model = runner.model
+        counts = {"forwards": 0, "per_step": collections.Counter(), "tree_steps": 0, "steps": 0}
+        self._lade_counts = counts
+        original_forward = model.forward
+        original_execute = runner.execute_model
+
+        @functools.wraps(original_forward)
+        def forward(*args, **kwargs):
+            counts["forwards"] += 1
+            return original_forward(*args, **kwargs)
+
+        @functools.wraps(original_execute)
+        def execute_model(scheduler_output, *args, **kwargs):
+            before = counts["forwards"]
+            out = original_execute(scheduler_output, *args, **kwargs)
+            if scheduler_output.total_num_scheduled_tokens > 0:
+                counts["steps"] += 1
+                counts["per_step"][counts["forwards"] - before] += 1
+                driver = getattr(runner, "lade_driver", None)
+                if driver is not None and driver.plan is not None:
+                    counts["tree_steps"] += 1
+            return out
+
+        model.forward = forward
+        runner.execute_model = execute_model
+        return True
+
+    def lade_forward_counts(self) -> dict:
+        c = self._lade_counts
+        return {"forwards": c["forwards"], "steps": c["steps"], "tree_steps": c["tree_steps"],
+                "per_step": dict(c["per_step"])}

