@@ -28,7 +28,7 @@ from lade_vllm.eligibility import is_eligible
 from lade_vllm.kv_move import KVMover
 from lade_vllm.proposer import LookaheadState, StepTree
 
-logger = logging.getLogger("lade_vllm")
+logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
 
 @dataclass

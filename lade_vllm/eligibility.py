@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("lade_vllm")
+logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 _warned: set[str] = set()
 
 

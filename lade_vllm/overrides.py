@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 
-logger = logging.getLogger("lade_vllm")
+logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
 PROPOSER_PATH = "lade_vllm.hooks.LadeProposer"
 _APPLIED = False
