@@ -47,3 +47,8 @@ class ForwardCounter:
         c = self._lade_counts
         return {"forwards": c["forwards"], "steps": c["steps"], "tree_steps": c["tree_steps"],
                 "per_step": dict(c["per_step"])}
+
+    def lade_live_slots(self) -> int:
+        """Requests holding lookahead state (pool + window) in this worker."""
+        driver = getattr(self.model_runner, "lade_driver", None)
+        return -1 if driver is None else len(driver.slot_of)
