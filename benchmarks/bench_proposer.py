@@ -1,11 +1,13 @@
 """Host time of one lookahead step's proposer work (no model forward).
 
-    python benchmarks/bench_proposer.py [--threads 1] [--steps 300]
+    python benchmarks/bench_proposer.py [--threads 1] [--steps 300] [--breakdown]
+    python benchmarks/bench_proposer.py --settings 3,4,3 7,5,7 --batches 1 8 32
 
 Per step: pool lookup + tree build + (stand-in targets) + verify + window update/harvest + pool
 insert, via ``LookaheadState.propose`` / ``commit``. State is realistic: tokens come from a small
 "active" vocabulary so that keys repeat and the pools are populated (most keys hold G candidates).
-Reports the median over the timed steps after warm-up steps, for B=1 and B=64 at W=15, N=5, G=15.
+Reports the median over the timed steps after warm-up steps, for B=1 and B=64 at W=15, N=5, G=15
+(``--settings W,N,G ...`` and ``--batches`` for others).
 """
 from __future__ import annotations
 
@@ -83,25 +85,30 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=15)
     ap.add_argument("--ngram", type=int, default=5)
     ap.add_argument("--guess", type=int, default=15)
+    ap.add_argument("--settings", nargs="+", default=None, metavar="W,N,G",
+                    help="several (W, N, G) settings, overriding --window/--ngram/--guess")
     ap.add_argument("--active-vocab", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--breakdown", action="store_true",
                     help="also print the median time of each phase (adds timer overhead)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={args.window} "
-          f"N={args.ngram} G={args.guess}, CPU, median over {args.steps} steps after {args.warmup}")
-    for pfp in (False, True):
-        for b in args.batches:
-            r = bench(b, args.window, args.ngram, args.guess, args.steps, args.warmup,
-                      args.active_vocab, pfp, breakdown=args.breakdown)
-            print(f"B={r['B']:3d} pool_from_prompt={int(pfp)}: median {r['median_ms']:.3f} ms/step "
-                  f"(p90 {r['p90_ms']:.3f}), {r['nodes_per_seq']:.1f} nodes/seq "
-                  f"({r['trie_nodes_per_seq']:.1f} trie)")
-            if args.breakdown:
-                print("    " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f}"
-                                         for k, v in PHASES.items()))
-                PHASES.clear()
+    settings = [tuple(int(x) for x in s.split(",")) for s in args.settings] if args.settings \
+        else [(args.window, args.ngram, args.guess)]
+    for W, N, G in settings:
+        print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={W} N={N} G={G}, "
+              f"CPU, median over {args.steps} steps after {args.warmup}")
+        for pfp in (False, True):
+            for b in args.batches:
+                r = bench(b, W, N, G, args.steps, args.warmup, args.active_vocab, pfp,
+                          breakdown=args.breakdown)
+                print(f"B={r['B']:3d} pool_from_prompt={int(pfp)}: median {r['median_ms']:.3f} "
+                      f"ms/step (p90 {r['p90_ms']:.3f}), {r['nodes_per_seq']:.1f} nodes/seq "
+                      f"({r['trie_nodes_per_seq']:.1f} trie)")
+                if args.breakdown:
+                    print("    " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f}"
+                                             for k, v in PHASES.items()))
+                    PHASES.clear()
 
 
 if __name__ == "__main__":

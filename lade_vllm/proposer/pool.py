@@ -22,7 +22,16 @@ once per call: after the call, each bucket keeps the ``key_ways`` keys with the 
 when a bucket would overflow in the middle of a call).
 
 Memory: ``NgramPool.bytes_for(N, G, max_keys)`` bytes per slot (tokens are stored as int32, recency
-stamps as int64): 380,928 bytes (372 KiB) for N=5, G=15, max_keys=1024, so 93 MiB for 256 slots.
+stamps as int64, continuation fingerprints as int32): 442,368 bytes (432 KiB) for N=5, G=15,
+max_keys=1024, so 108 MiB for 256 slots.
+
+Speed: ``insert`` resolves the common cases through fast paths and keeps the general (exact) merge
+for the rest: a key already stored is found by one compare per row; new keys and new continuations
+take the empty or least recently inserted entries of their list when the list does not overflow
+inside the call; continuations are compared through a 31-bit fingerprint per stored entry
+(``cont_fp``), and every fingerprint match is confirmed on the tokens: a collision (two different
+continuations with equal fingerprints, stored or in the call) sends the call to the exact path, so
+fingerprints never change the result.
 """
 from __future__ import annotations
 
@@ -45,9 +54,10 @@ class NgramPool:
 
     Storage (flat, one extra trailing "dump" row that absorbs masked-out writes):
     ``keys`` / ``key_stamp`` [S*buckets + 1, key_ways], ``conts`` [S*max_keys + 1, G, N-1] and
-    ``cont_stamp`` [S*max_keys + 1, G]. Key entry (s, bucket, way) is row ``(s*buckets + bucket)``,
-    column ``way`` of the key tables and row ``(s*buckets + bucket)*key_ways + way`` of the
-    continuation tables. Stamps are insert times (-1 = empty).
+    ``cont_stamp`` / ``cont_fp`` [S*max_keys + 1, G]. Key entry (s, bucket, way) is row
+    ``(s*buckets + bucket)``, column ``way`` of the key tables and row
+    ``(s*buckets + bucket)*key_ways + way`` of the continuation tables. Stamps are insert times
+    (-1 = empty); ``cont_fp`` holds the fingerprint of each stored continuation (-1 = empty).
     """
 
     def __init__(self, max_seqs: int, ngram_size: int, guess_set_size: int, max_keys: int = 1024,
@@ -75,6 +85,9 @@ class NgramPool:
         self.key_stamp = torch.full((nk + 1, A), _EMPTY, dtype=torch.int64, device=dev)
         self.conts = torch.full((nk * A + 1, G, D), _EMPTY, dtype=torch.int32, device=dev)
         self.cont_stamp = torch.full((nk * A + 1, G), _EMPTY, dtype=torch.int64, device=dev)
+        # fingerprint of each stored continuation (-1 where empty), see ``_fingerprint``
+        self.cont_fp = torch.full((nk * A + 1, G), _EMPTY, dtype=torch.int32, device=dev)
+        self._fp_mult = torch.tensor(_hash_mults(D), dtype=torch.int64, device=dev)
         self._key_dump = nk
         self._cont_dump = nk * A
         self._clock = 0
@@ -83,7 +96,7 @@ class NgramPool:
     @staticmethod
     def bytes_for(ngram_size: int, guess_set_size: int, max_keys: int = 1024) -> int:
         """Bytes of pool state per sequence slot."""
-        per_key = 4 + 8 + guess_set_size * ((ngram_size - 1) * 4 + 8)
+        per_key = 4 + 8 + guess_set_size * ((ngram_size - 1) * 4 + 8 + 4)
         return max_keys * per_key
 
     def bytes_per_seq(self) -> int:
@@ -104,6 +117,7 @@ class NgramPool:
         self.key_stamp.index_fill_(0, rows, _EMPTY)
         crows = (rows[:, None] * A + torch.arange(A, device=self.device)).reshape(-1)
         self.cont_stamp.index_fill_(0, crows, _EMPTY)
+        self.cont_fp.index_fill_(0, crows, _EMPTY)
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, slots: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,19 +126,18 @@ class NgramPool:
         Returns ``cands`` [B, G, N-1] (int64, -1 where invalid) and ``valid`` [B, G] (bool), oldest
         first with the valid ones packed at the front.
         """
-        A, D = self.key_ways, self.ngram_size - 1
-        slots = slots.long()
+        A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
         keys = keys.long()
-        group = torch.where(keys >= 0, slots * self.num_buckets + self.bucket_of(keys), self._key_dump)
-        match = (self.keys.index_select(0, group) == keys[:, None]) & (keys >= 0)[:, None]  # [B, A]
-        found = match.any(1)
-        kidx = torch.where(found, group * A + match.to(torch.uint8).argmax(1), self._cont_dump)
-        stamps = torch.where(found[:, None], self.cont_stamp.index_select(0, kidx), _EMPTY)  # [B, G]
-        order = torch.where(stamps >= 0, stamps, torch.iinfo(torch.int64).max).argsort(1)
-        valid = stamps.gather(1, order) >= 0
-        cands = self.conts.index_select(0, kidx).long()                                   # [B, G, D]
-        cands = cands.gather(1, order[:, :, None].expand(-1, -1, D))
-        cands = torch.where(valid[:, :, None], cands, _EMPTY)
+        # a negative key becomes -2, which matches no entry (empty entries hold -1)
+        keys = torch.where(keys >= 0, keys, -2)
+        group = slots.long() * self.num_buckets + self.bucket_of(keys)
+        found, way = (self.keys.index_select(0, group) == keys[:, None]).max(1)      # [B]
+        kidx = group * A + way
+        stamps = torch.where(found[:, None], self.cont_stamp.index_select(0, kidx), _EMPTY)
+        order_key, order = torch.where(stamps >= 0, stamps, _INT64_MAX).sort(1)      # [B, G]
+        valid = order_key != _INT64_MAX
+        cands = self.conts.view(-1, D).index_select(0, (order + kidx[:, None] * G).view(-1))
+        cands = torch.where(valid[:, :, None], cands.view(-1, G, D).long(), _EMPTY)
         return cands, valid
 
     # ------------------------------------------------------------------ insert
@@ -134,21 +147,66 @@ class NgramPool:
         ``ngrams[:, 0]`` is the key, ``ngrams[:, 1:]`` the continuation. Rows with a negative token
         or a negative slot are ignored.
         """
-        A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
         slots = slots.reshape(-1).long()
         ngrams = ngrams.reshape(-1, self.ngram_size).long()
-        ok = (ngrams >= 0).all(1) & (slots >= 0)
-        if not bool(ok.all()):
-            slots, ngrams = slots[ok], ngrams[ok]
-        m = ngrams.shape[0]
-        if m == 0:
+        if ngrams.shape[0] == 0:
             return
-        stamp = torch.arange(self._clock, self._clock + m, device=self.device)
+        if bool(torch.minimum(ngrams.min(), slots.min()) < 0):
+            ok = (ngrams >= 0).all(1) & (slots >= 0)
+            slots, ngrams = slots[ok], ngrams[ok]
+            if ngrams.shape[0] == 0:
+                return
+        m = ngrams.shape[0]
+        stamp0 = self._clock
         self._clock += m
-        key = ngrams[:, 0]
-        group = slots * self.num_buckets + self.bucket_of(key)
+        stamp = torch.arange(stamp0, stamp0 + m, device=self.device)
+        kflat = self._insert_keys(slots, ngrams[:, 0], stamp, stamp0)
+        self._insert_conts(kflat, ngrams[:, 1:], stamp, stamp0)
 
-        # -- key level: one row per distinct (bucket, key), stamped with its latest insert
+    def _insert_keys(self, slots, key, stamp, stamp0):
+        """Key level of ``insert``: returns the key entry [M] of each row (-1: key evicted)."""
+        A = self.key_ways
+        group = slots * self.num_buckets + self.bucket_of(key)
+        key32 = key.to(torch.int32)
+        found, way = (self.keys.index_select(0, group) == key32[:, None]).max(1)
+        kstamp = self.key_stamp.view(-1)
+        if bool(found.all()):  # steady state: every key is already there
+            kflat = group * A + way
+            kstamp.scatter_reduce_(0, kflat, stamp, "amax")
+            return kflat
+        if not self._place_new_keys(group, key, stamp, stamp0, found, way):
+            return self._insert_keys_exact(group, key, stamp)
+        found, way = (self.keys.index_select(0, group) == key32[:, None]).max(1)
+        kflat = group * A + way
+        kstamp.scatter_reduce_(0, kflat, stamp, "amax")
+        return kflat
+
+    def _place_new_keys(self, group, key, stamp, stamp0, found, way) -> bool:
+        """Fast path for new keys: write each distinct new key of a bucket into one of the entries
+        of that bucket not inserted into by this call (empty first, then least recent). Returns
+        False, having changed nothing but the stamps of found keys, when a bucket gets more new keys
+        than it has such entries (then the exact path resolves the evictions)."""
+        A = self.key_ways
+        kstamp = self.key_stamp.view(-1)
+        # refresh the keys that are there first: they must not be taken by a new key
+        kstamp.scatter_(0, torch.where(found, group * A + way, self._key_dump * A), stamp)
+        new = torch.unique(((group << _KEY_SHIFT) | key)[~found])                 # sorted by group
+        ugroup = new >> _KEY_SHIFT
+        rank = _rank_in_runs(ugroup)
+        slot = _take_slots(self.key_stamp.index_select(0, ugroup), rank, stamp0)
+        if slot is None:
+            return False
+        flat = ugroup * A + slot
+        self.keys.view(-1).index_copy_(0, flat, (new & ((1 << _KEY_SHIFT) - 1)).to(torch.int32))
+        kstamp.index_fill_(0, flat, stamp0)  # any stamp of this call; the caller sets the latest
+        self.cont_stamp.index_fill_(0, flat, _EMPTY)
+        self.cont_fp.index_fill_(0, flat, _EMPTY)
+        return True
+
+    def _insert_keys_exact(self, group, key, stamp):
+        """Key level, general case (buckets overflowing inside one call)."""
+        A = self.key_ways
+        # one row per distinct (bucket, key), stamped with its latest insert
         ukey, inv = torch.unique((group << _KEY_SHIFT) | key, return_inverse=True)  # sorted by group
         ustamp = torch.full_like(ukey, _EMPTY).scatter_reduce_(0, inv, stamp, "amax")
         utok = (ukey & ((1 << _KEY_SHIFT) - 1)).to(torch.int32)
@@ -156,20 +214,123 @@ class NgramPool:
         way, placed = _merge_recent(self.keys[:, :, None], self.key_stamp, ugroup, utok[:, None],
                                     ustamp)
         # a new key took these entries: their old continuations are gone
-        self.cont_stamp.index_fill_(0, torch.where(placed, ugroup * A + way, self._cont_dump), _EMPTY)
-
-        # -- continuation level: one row per distinct (key entry, continuation)
+        gone = torch.where(placed, ugroup * A + way, self._cont_dump)
+        self.cont_stamp.index_fill_(0, gone, _EMPTY)
+        self.cont_fp.index_fill_(0, gone, _EMPTY)
         row_way = way[inv]
-        kept = row_way >= 0
-        rows = torch.cat([(group * A + row_way)[:, None], ngrams[:, 1:]], 1)
-        rstamp = stamp
-        if not bool(kept.all()):
-            rows, rstamp = rows[kept], rstamp[kept]
-        urows, inv2 = _unique_rows(rows)                                             # sorted by kidx
-        ustamp2 = torch.full((urows.shape[0],), _EMPTY, dtype=torch.int64, device=self.device)
-        ustamp2.scatter_reduce_(0, inv2, rstamp, "amax")
-        _merge_recent(self.conts, self.cont_stamp, urows[:, 0],
-                      urows[:, 1:].to(torch.int32).contiguous(), ustamp2)
+        return torch.where(row_way >= 0, group * A + row_way, -1)
+
+    def _insert_conts(self, kflat, cont, stamp, stamp0):
+        """Continuation level of ``insert``: rows with key entry ``kflat`` [M] (-1: dropped)."""
+        if bool((kflat < 0).any()):
+            kept = kflat >= 0
+            kflat, cont, stamp = kflat[kept], cont[kept], stamp[kept]
+            if kflat.numel() == 0:
+                return
+        if not self._insert_conts_fast(kflat, cont, stamp, stamp0):
+            rows = torch.cat([kflat[:, None], cont], 1)
+            urows, inv = _unique_rows(rows)                                     # sorted by kidx
+            ustamp = torch.full((urows.shape[0],), _EMPTY, dtype=torch.int64, device=self.device)
+            ustamp.scatter_reduce_(0, inv, stamp, "amax")
+            ucont = urows[:, 1:]
+            _merge_recent(self.conts, self.cont_stamp, urows[:, 0], ucont.to(torch.int32), ustamp,
+                          extra=(self.cont_fp, self._fingerprint(ucont)))
+
+    def _insert_conts_fast(self, kflat, cont, stamp, stamp0) -> bool:
+        """Continuation level through fingerprints. Returns False when the exact path must run; by
+        then at most the stamps of continuations already stored have been refreshed (which the exact
+        path repeats)."""
+        G, D = self.guess_set_size, self.ngram_size - 1
+        fp = self._fingerprint(cont)                                                # [M] int32
+        vals, perm = torch.sort((kflat << _FP_BITS) | fp, stable=True)
+        same = vals[1:] == vals[:-1]
+        if bool(same.any()):
+            # equal (entry, fingerprint): the rows must really be equal, the latest one stays
+            sc = cont.index_select(0, perm)
+            if bool((same & (sc[1:] != sc[:-1]).any(1)).any()):
+                return False                                      # fingerprint collision
+            last = torch.cat([~same, same.new_ones(1)])
+            perm, vals = perm[last], vals[last]
+        kidx = vals >> _FP_BITS                                                     # sorted
+        fp = fp.index_select(0, perm)
+        cont = cont.index_select(0, perm)
+        stamp = stamp.index_select(0, perm)
+        hit, entry = (self.cont_fp.index_select(0, kidx) == fp[:, None]).max(1)
+        cflat = kidx * G + entry
+        if bool(hit.any()):
+            stored = self.conts.view(-1, D).index_select(0, cflat)
+            if bool((hit & (stored != cont).any(1)).any()):
+                return False                                      # fingerprint collision
+            self.cont_stamp.view(-1).scatter_(0, torch.where(hit, cflat, self._cont_dump * G), stamp)
+            if bool(hit.all()):  # steady state: nothing new
+                return True
+            new = ~hit
+            rank = _rank_in_runs(kidx, new)
+        else:
+            new = None
+            rank = _rank_in_runs(kidx)
+        # the k-th new continuation of an entry takes its k-th empty / least recent slot
+        slot = _take_slots(self.cont_stamp.index_select(0, kidx), rank, stamp0, hit)
+        if slot is None:
+            return False
+        flat = kidx * G + slot
+        if new is not None:
+            flat = torch.where(new, flat, self._cont_dump * G)
+        self.cont_stamp.view(-1).scatter_(0, flat, stamp)
+        self.cont_fp.view(-1).scatter_(0, flat, fp)
+        self.conts.view(-1, D).index_copy_(0, flat, cont.to(torch.int32))
+        return True
+
+    def _fingerprint(self, cont: torch.Tensor) -> torch.Tensor:
+        """31-bit fingerprint [R] (int32, >= 0) of continuations [R, D] of non-negative tokens."""
+        return _fingerprint(cont, self._fp_mult)
+
+
+_FP_BITS = 31
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _fingerprint(cont: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """Fingerprint of each row of ``cont`` [R, D] (int64 tokens >= 0): a linear combination with odd
+    64-bit multipliers (wrapping int64 arithmetic), folded to 31 bits. Equal rows give equal
+    fingerprints; distinct rows may collide (callers check the tokens)."""
+    if cont.device.type == "cpu":
+        h = cont @ mult
+    else:
+        h = (cont * mult).sum(1)
+    return ((h >> 33) & ((1 << _FP_BITS) - 1)).to(torch.int32)
+
+
+def _take_slots(stamps: torch.Tensor, rank: torch.Tensor, stamp0: int,
+                skip: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Slot [R] of each new item in its list: the ``rank[r]``-th entry of ``stamps[r]`` [R, C] in
+    ascending stamp order (empty entries, -1, first). None when that entry was inserted into by the
+    current call (stamp >= ``stamp0``) or does not exist, for a row not in ``skip``: then the list
+    overflows inside the call and the exact path must decide."""
+    kmax = int(rank.max())
+    if kmax >= stamps.shape[1]:
+        return None
+    val, slot = stamps.min(1)             # rank 0 (the common case): empty first, then oldest
+    if kmax > 0:                          # the few rows of rank >= 1: sort their lists
+        sub = torch.nonzero(rank > 0).squeeze(1)
+        sv, si = stamps.index_select(0, sub).sort(1)
+        r = rank.index_select(0, sub)[:, None]
+        val = val.index_put((sub,), sv.gather(1, r)[:, 0])
+        slot = slot.index_put((sub,), si.gather(1, r)[:, 0])
+    ok = val < stamp0
+    if skip is not None:
+        ok = ok | skip
+    return slot if bool(ok.all()) else None
+
+
+def _rank_in_runs(sorted_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank [R] of each element inside its run of equal values of ``sorted_ids`` [R] (counting only
+    elements with ``mask``, when given; meaningful for those)."""
+    first = torch.searchsorted(sorted_ids, sorted_ids)          # start of each element's run
+    if mask is None:
+        return torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first
+    cnt = mask.cumsum(0)                                        # inclusive count of masked elements
+    return cnt - 1 - (cnt - mask.long()).index_select(0, first)
 
 
 _HASH_BITS = 40
@@ -216,7 +377,8 @@ def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_recent(items: torch.Tensor, stamps: torch.Tensor, group: torch.Tensor,
-                  new_items: torch.Tensor, new_stamps: torch.Tensor):
+                  new_items: torch.Tensor, new_stamps: torch.Tensor,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Batched "keep the C most recent distinct items" update, in place.
 
     items [Q+1, C, D] / stamps [Q+1, C] (-1 = empty): Q lists of capacity C and a dump row Q.
@@ -224,6 +386,8 @@ def _merge_recent(items: torch.Tensor, stamps: torch.Tensor, group: torch.Tensor
     (group, item) rows, each stamped with its latest insert time (newer than anything stored).
     Afterwards each touched list holds the C most recent items of (old items, with refreshed stamps)
     + (new rows). Entries that stay keep their index; new items go to freed or empty entries.
+
+    ``extra``: (table [Q+1, C], values [R]) written along with the new items (fingerprints).
 
     Returns ``entry`` [R] (entry of each row after the update, -1 if it did not fit) and ``placed``
     [R] (bool, the row is a new item written to ``entry``).
@@ -263,4 +427,6 @@ def _merge_recent(items: torch.Tensor, stamps: torch.Tensor, group: torch.Tensor
     flat = torch.where(placed_new, ngroup * C + entry[new], dump)
     flat_stamps.scatter_(0, flat, new_stamps[new])
     items.view(-1, items.shape[-1]).index_copy_(0, flat, new_items[new])
+    if extra is not None:
+        extra[0].view(-1).scatter_(0, flat, extra[1][new])
     return entry, placed

@@ -20,6 +20,7 @@ attention rules (DESIGN.md section 1): window nodes never see candidates and vic
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,106 @@ class StepTree:
         return mask
 
 
+_I64_MAX = torch.iinfo(torch.int64).max
+_I64_MIN = torch.iinfo(torch.int64).min
+
+
+@functools.lru_cache(maxsize=16)
+def _shape_consts(L: int, W: int, G: int, D: int, device: torch.device) -> dict:
+    """Batch-independent constants of the padded layout (see ``build_step_trees``)."""
+    lvl = torch.arange(L, device=device)[:, None].expand(L, W).reshape(-1)
+    col = torch.arange(W, device=device)[None, :].expand(L, W).reshape(-1)
+    cell = torch.arange(L * W, device=device)
+    root = torch.zeros(L * W, dtype=torch.bool, device=device)
+    root[0] = True
+    return dict(
+        lvl=lvl, col=col, root=root,
+        # padded parent of grid cells (the root points at itself; fixed after compaction)
+        grid_parent=torch.where(lvl == 0, cell - 1, cell - W).clamp(min=0),
+        depth=torch.cat([lvl + col, torch.arange(1, D + 1, device=device).repeat_interleave(G)]),
+        cand_col=torch.arange(G, device=device)[None, :, None],
+        win_col=torch.arange(W, device=device)[None, :],
+        cand_range=torch.arange(G, device=device)[None, :])
+
+
+_BATCH_CONSTS: dict = {}
+
+
+def _batch_consts(B: int, L: int, W: int, G: int, D: int, device: torch.device) -> dict:
+    """Constants of the padded layout for B sequences, per padded slot b*P + k. Built once for a
+    capacity of batch sizes (a power of two) and handed out as views of its first B rows."""
+    shape = (L, W, G, D, device)
+    entry = _BATCH_CONSTS.get(shape)
+    if entry is None or entry[0] < B:
+        cap = 1 << max(B - 1, 0).bit_length()
+        entry = (cap, _build_batch_consts(cap, L, W, G, D, device), {})
+        _BATCH_CONSTS[shape] = entry
+    cap, full, views = entry
+    out = views.get(B)
+    if out is None:
+        P = L * W + D * G
+        out = {k: (v[:B * P] if v.dim() == 1 else v[:B]) for k, v in full.items()}
+        out["seq_start0"] = full["seq_start0"]
+        views[B] = out
+    return out
+
+
+def _build_batch_consts(B: int, L: int, W: int, G: int, D: int, device: torch.device) -> dict:
+    c = _shape_consts(L, W, G, D, device)
+    LW, P = L * W, L * W + D * G
+    bP = torch.arange(B, device=device) * P
+    return dict(
+        seq=torch.arange(B, device=device).repeat_interleave(P),                  # [B*P]
+        depth=c["depth"].repeat(B),                                               # [B*P]
+        trie=(torch.arange(P, device=device) >= LW).repeat(B),                    # [B*P]
+        grid_parent=c["grid_parent"][None, :] + bP[:, None],                      # [B, L*W]
+        trie_base=(bP[:, None] + LW + torch.arange(D, device=device) * G)[:, None, :],  # [B, 1, D]
+        first_row=torch.ones((B, 1, D), dtype=torch.bool, device=device),
+        root_parent=torch.zeros((B, G, 1), dtype=torch.long, device=device) + bP[:, None, None],
+        seq_start0=torch.zeros(1, dtype=torch.long, device=device),
+        top_base=bP[:, None] + c["win_col"])                                      # [B, W]
+
+
+def _lex_sort(cands: torch.Tensor, valid: torch.Tensor):
+    """Sort each row of candidates [B, G, D] (tokens >= 0 where valid) lexicographically, invalid
+    ones last (stable). Returns (perm [B, G], sorted keys [B, G] or None, bits per token).
+
+    The keys pack the D tokens of a valid candidate into one int64 (``bits`` bits each, most
+    significant first): the tokens themselves when they fit, else their dense per-row ranks; invalid
+    candidates get the largest int64. Falls back to an LSD radix sort (keys None) when even the ranks
+    do not fit."""
+    B, G, D = cands.shape
+    bits = (int(cands.max()) + 1).bit_length()   # tokens <= 2**bits - 2: no valid key is all ones
+    if bits * D > 64:
+        # dense per-row ranks of the tokens (same order)
+        bits = (G * D + 1).bit_length()
+        if bits * D > 64:
+            return _lex_perm_radix(cands, valid), None, 0
+        sv, si = cands.reshape(B, G * D).sort(1)
+        step = torch.ones_like(sv)
+        step[:, 1:] = sv[:, 1:] != sv[:, :-1]
+        cands = torch.empty_like(sv).scatter_(1, si, step.cumsum(1)).view(B, G, D)
+    weights = torch.tensor([1 << (bits * (D - 1 - j)) for j in range(D)], device=cands.device)
+    key = cands @ weights if cands.device.type == "cpu" else (cands * weights).sum(-1)
+    if bits * D == 64:  # the top bit is the sign bit: flip it so that signed order = unsigned order
+        key = key ^ _I64_MIN
+    ks, perm = torch.where(valid, key, _I64_MAX).sort(dim=1, stable=True)
+    return perm, ks, bits
+
+
+def _lex_perm_radix(cands: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The permutation of ``_lex_sort`` by an LSD radix sort, two tokens per pass (any length)."""
+    B, G, D = cands.shape
+    perm = torch.arange(G, device=cands.device).expand(B, G)
+    keyed = torch.where(valid[:, :, None], cands + 1, 0)                 # tokens + 1 <= 2**31
+    for j in reversed(range(0, D, 2)):
+        hi = keyed[:, :, j]
+        lo = keyed[:, :, j + 1] if j + 1 < D else torch.zeros_like(hi)
+        key = torch.where(valid, hi * ((1 << 31) + 1) + lo, torch.iinfo(torch.int64).max)
+        perm = perm.gather(1, key.gather(1, perm).argsort(dim=1, stable=True))
+    return perm
+
+
 def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num_filled: torch.Tensor,
                      cands: torch.Tensor, cand_valid: torch.Tensor, max_cand_len: int | None = None,
                      window_size: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
@@ -108,98 +209,94 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     max_cand_len: feed only the first tokens of each candidate. window_size [B]: columns per sequence
     (<= W, default W). num_cands [B]: use only the first candidates per sequence (default all).
     merge=False keeps every candidate as its own chain (for tests).
+
+    Implementation: every sequence gets a padded row of P = L*W + D*G node slots, [window grid cell
+    (l, c) at l*W + c | trie slot (depth j, sorted candidate i) at L*W + j*G + i], of which the
+    existing nodes are kept in row order (which is the documented node order) by one compaction.
     """
     dev = last_tokens.device
     B, L, W = window_levels.shape
     G, D = cands.shape[1], cands.shape[2]
     if max_cand_len is not None:
         D = max(min(D, max_cand_len), 0)
+    LW = L * W
+    P = LW + D * G
+    sc_ = _shape_consts(L, W, G, D, dev)
+    bc = _batch_consts(B, L, W, G, D, dev)
     cands = cands[:, :, :D].long()
-    last_tokens = last_tokens.long()
-    width = torch.full((B,), W, dtype=torch.long, device=dev) if window_size is None \
-        else window_size.long().clamp(0, W)
     filled = num_filled.long().clamp(0, L)
-    filled = torch.where(width > 0, filled, 0)
-    width = torch.where(filled > 0, width, 0)
-    n_win = torch.where(filled > 0, filled * width - 1, 0)
+    if window_size is None:
+        width = torch.where(filled > 0, W, 0)
+    else:
+        width = window_size.long().clamp(0, W)
+        filled = torch.where(width > 0, filled, 0)
+        width = torch.where(filled > 0, width, 0)
+    n_win = (filled * width - 1).clamp(min=0)
 
     # ---- candidate trie. Candidates are sorted lexicographically per sequence (invalid last), so
     # candidates sharing a prefix are adjacent; the first of a run of equal prefixes owns the node.
-    # Trie nodes are laid out in (depth j, sorted candidate i) order.
-    valid = cand_valid.bool() & (cands >= 0).all(-1)
-    if num_cands is not None:
-        valid = valid & (torch.arange(G, device=dev)[None, :] < num_cands.long()[:, None])
     if D == 0:
-        valid = torch.zeros_like(valid)
-    perm = torch.arange(G, device=dev).expand(B, G)
-    if merge and G > 1 and D > 0:
-        keyed = torch.where(valid[:, :, None], cands + 1, 0)                 # tokens + 1 <= 2**31
-        for j in reversed(range(0, D, 2)):  # LSD radix sort, two tokens per int64 key
-            hi = keyed[:, :, j]
-            lo = keyed[:, :, j + 1] if j + 1 < D else torch.zeros_like(hi)
-            key = torch.where(valid, hi * ((1 << 31) + 1) + lo, torch.iinfo(torch.int64).max)
-            perm = perm.gather(1, key.gather(1, perm).argsort(dim=1, stable=True))
-        sc = cands.gather(1, perm[:, :, None].expand(B, G, D))
-        sv = valid.gather(1, perm)
-        new_prefix = torch.ones((B, G, D), dtype=torch.bool, device=dev)
-        new_prefix[:, 1:] = (sc[:, 1:] != sc[:, :-1]).long().cumsum(2) > 0
+        valid = torch.zeros(cand_valid.shape, dtype=torch.bool, device=dev)
     else:
-        sc, sv = cands, valid
-        new_prefix = torch.ones((B, G, D), dtype=torch.bool, device=dev)
-    owner = new_prefix & sv[:, :, None]                                       # [B, G, D] sorted
-    owner_jg = owner.transpose(1, 2).reshape(B, D * G)                        # (j, i) order
-    n_trie = owner_jg.sum(1)
-    num_nodes = 1 + n_win + n_trie
-    seq_start = torch.zeros(B + 1, dtype=torch.long, device=dev)
-    torch.cumsum(num_nodes, 0, out=seq_start[1:])
-    T = int(seq_start[-1])
+        valid = cand_valid.bool() & (cands.min(-1).values >= 0)
+    if num_cands is not None:
+        valid = valid & (sc_["cand_range"] < num_cands.long()[:, None])
+    if merge and G > 1 and D > 0 and B > 0:
+        perm, ks, bits = _lex_sort(cands, valid)
+        sc = cands.gather(1, perm[:, :, None].expand(B, G, D))
+        if ks is not None:
+            sv = ks != _I64_MAX
+            # sorted candidate i owns its depth-j node iff its first j+1 tokens differ from i-1's,
+            # i.e. the keys differ in their top (j+1)*bits bits
+            shifts = torch.tensor([bits * (D - 1 - j) for j in range(D)], device=dev)
+            diff = ((ks[:, 1:] ^ ks[:, :-1])[:, :, None] >> shifts) != 0
+        else:
+            sv = valid.gather(1, perm)
+            diff = (sc[:, 1:] != sc[:, :-1]).long().cumsum(2) > 0
+        owner = torch.cat([bc["first_row"], diff], 1)
+        owner &= sv[:, :, None]                                               # [B, G, D] sorted
+        # the node of a sorted candidate's depth-j prefix: its first candidate's (padded, global)
+        node_g = torch.where(owner, sc_["cand_col"], 0).cummax(1).values + bc["trie_base"]
+    else:
+        perm, sc, sv = None, cands, valid
+        owner = sv[:, :, None].expand(B, G, D)
+        node_g = sc_["cand_col"] + bc["trie_base"]
+
+    # ---- padded rows: [grid cell (l, c) at l*W + c | trie (depth j, sorted candidate i) at
+    # L*W + j*G + i]; the existing slots, in row order, are the nodes in the documented order
+    grid_ok = (sc_["lvl"] < filled[:, None]) & (sc_["col"] < width[:, None])   # [B, L*W]
+    grid_ok |= sc_["root"]
+    ex = torch.cat([grid_ok, owner.transpose(1, 2).reshape(B, D * G)], 1).view(-1)   # [B*P]
+    tok_pad = torch.cat([window_levels.reshape(B, LW), sc.transpose(1, 2).reshape(B, D * G)], 1)
+    tok_pad[:, 0] = last_tokens
+    trie_par = torch.cat([bc["root_parent"], node_g[:, :, :-1]], 2)[:, :, :D]
+    par_pad = torch.cat([bc["grid_parent"], trie_par.transpose(1, 2).reshape(B, D * G)], 1)
+
+    # ---- compaction
+    idx = ex.nonzero().view(-1)                                               # [T]
+    newidx = ex.cumsum(0)                                                     # padded -> node + 1
+    seq_start = torch.cat([bc["seq_start0"], newidx.view(B, P)[:, -1]])
+    newidx -= 1
     root = seq_start[:-1]
+    tokens = tok_pad.view(-1).index_select(0, idx)
+    parent = newidx.index_select(0, par_pad.view(-1).index_select(0, idx))
+    parent.index_fill_(0, root, -1)
 
-    # every node is written through a scatter whose dump slot T takes what does not exist
-    tokens = torch.empty(T + 1, dtype=torch.long, device=dev)
-    depth = torch.empty(T + 1, dtype=torch.long, device=dev)
-    parent = torch.empty(T + 1, dtype=torch.long, device=dev)
-    is_trie = torch.zeros(T + 1, dtype=torch.bool, device=dev)
-
-    # ---- window grid cells (l, c); (0, 0) is the root
-    lvl = torch.arange(L, device=dev)[None, :, None]
-    col = torch.arange(W, device=dev)[None, None, :]
-    wid = width[:, None, None]
-    exists = (lvl < filled[:, None, None]) & (col < wid)
-    grid = root[:, None, None] + lvl * wid + col                              # [B, L, W]
-    grid_parent = torch.where(lvl == 0, grid - 1, grid - wid)
-    win_tokens = window_levels.long().clone()
-    win_tokens[:, 0, 0] = last_tokens
-    dest = torch.where(exists, grid, T).reshape(-1)
-    tokens.scatter_(0, dest, win_tokens.reshape(-1))
-    depth.scatter_(0, dest, (lvl + col).expand(B, L, W).reshape(-1))
-    parent.scatter_(0, dest, grid_parent.reshape(-1))
-    # roots (also when there is no window)
-    tokens[root] = last_tokens
-    depth[root] = 0
-    parent[root] = -1
-    top_col = torch.arange(W, device=dev)[None, :]
-    top = root[:, None] + (filled[:, None] - 1) * width[:, None] + top_col
-    top_level_index = torch.where((filled[:, None] > 0) & (top_col < width[:, None]), top, -1)
-
-    # ---- trie nodes
-    rank = owner_jg.long().cumsum(1) - 1                                      # [B, D*G]
-    node_jg = (root + 1 + n_win)[:, None] + rank
-    node = torch.where(owner, node_jg.reshape(B, D, G).transpose(1, 2), -1)   # [B, G, D] sorted
-    node_of = node.cummax(1).values                                           # owner of each prefix
-    node_of = torch.where(sv[:, :, None], node_of, -1)
-    cand_node_index = torch.empty_like(node_of).scatter_(1, perm[:, :, None].expand(B, G, D), node_of)
-    par = torch.cat([root[:, None, None].expand(B, G, 1), node_of[:, :, :-1]], 2)
-    dest = torch.where(owner, node, T).reshape(-1)
-    tokens.scatter_(0, dest, sc.reshape(-1))
-    depth.scatter_(0, dest, torch.arange(1, D + 1, device=dev).expand(B, G, D).reshape(-1))
-    parent.scatter_(0, dest, par.reshape(-1))
-    is_trie.scatter_(0, dest, torch.ones_like(dest, dtype=torch.bool))
-
-    node_seq = torch.repeat_interleave(torch.arange(B, device=dev), num_nodes, output_size=T)
+    top_col = sc_["win_col"]
+    top = newidx.index_select(0, (bc["top_base"] + (filled[:, None] - 1).clamp(min=0) * W).view(-1))
+    top_level_index = torch.where((top_col < width[:, None]), top.view(B, W), -1)
+    # node of each candidate token, back in the input candidate order
+    node_of = torch.where(sv[:, :, None], newidx.index_select(0, node_g.reshape(-1)).view(B, G, D),
+                          -1)
+    if perm is None:
+        cand_node_index = node_of
+    else:
+        cand_node_index = torch.empty_like(node_of).scatter_(1, perm[:, :, None].expand(B, G, D),
+                                                             node_of)
     return StepTree(
-        tokens=tokens[:T], depth=depth[:T], parent=parent[:T], node_seq=node_seq,
-        is_trie=is_trie[:T], seq_start=seq_start, num_nodes=num_nodes, root_index=root,
+        tokens=tokens, depth=bc["depth"].index_select(0, idx), parent=parent,
+        node_seq=bc["seq"].index_select(0, idx), is_trie=bc["trie"].index_select(0, idx),
+        seq_start=seq_start, num_nodes=seq_start.diff(), root_index=root,
         num_window_nodes=n_win, window_levels=filled, window_width=width,
         top_level_index=top_level_index, cand_node_index=cand_node_index, cand_len=D,
         max_depth=max(W - 1 + L - 1, D, 0))

@@ -52,6 +52,8 @@ class JacobiWindows:
                                  device=self.device)
         self.filled = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
         self.width = torch.full((max_seqs,), window_size, dtype=torch.long, device=self.device)
+        self._cols = torch.arange(window_size, device=self.device)
+        self._cols_b = torch.arange(max_seqs, device=self.device)
 
     def init(self, slots: Sequence[int] | torch.Tensor, prompts: Sequence[torch.Tensor],
              seed: int | Sequence[int], width: int | Sequence[int] | None = None) -> None:
@@ -111,27 +113,36 @@ class JacobiWindows:
         """
         slots = slots.long()
         B, L, W = slots.numel(), self.num_levels, self.window_size
-        lv = self.levels[slots]                                                    # [B, L, W]
-        filled = self.filled[slots]
-        width = self.width[slots]
-        top = top_outputs.long()
-        col_ok = torch.arange(W, device=self.device)[None, :] < width[:, None]    # [B, W]
-        top = torch.where(col_ok, top, _EMPTY)
+        lv = self.levels.index_select(0, slots)                                    # [B, L, W]
+        filled = self.filled.index_select(0, slots)
+        width = self.width.index_select(0, slots)
+        col_ok = self._cols[None, :] < width[:, None]                             # [B, W]
+        top = torch.where(col_ok, top_outputs.long(), _EMPTY)
         full = filled == L
-        started = filled > 0
+        all_full = bool(full.all())
 
-        row0 = lv[:, 0].clone()
-        row0[:, 0] = last_tokens.long()
-        ngrams = torch.cat([row0[:, None], lv[:, 1:], top[:, None]], 1).transpose(1, 2)  # [B, W, N]
-        ok = full[:, None] & col_ok & (ngrams >= 0).all(-1)
+        # harvest: column c of [row0 (t at column 0) | levels 1.. | top]
+        stacked = torch.cat([lv, top[:, None]], 1)                                 # [B, L+1, W]
+        shifted = stacked[:, 1:]                   # the levels after the shift (a view: written last)
+        stacked[:, 0, 0] = last_tokens
+        ngrams = stacked.transpose(1, 2)                                           # [B, W, N]
+        ok = col_ok & (ngrams.min(-1).values >= 0)
+        if not all_full:
+            ok &= full[:, None]
         ngrams = torch.where(ok[:, :, None], ngrams, _EMPTY)
 
-        shifted = torch.cat([lv[:, 1:], top[:, None]], 1)
         shifted[:, 0, 0] = _EMPTY
+        if all_full:
+            self.levels.index_copy_(0, slots, shifted)
+            return ngrams
+        started = filled > 0
         appended = lv.clone()
-        appended[torch.arange(B, device=self.device), filled.clamp(max=L - 1)] = top
+        appended[self._rows(B), filled.clamp(max=L - 1)] = top
         new = torch.where(full[:, None, None], shifted, appended)
         new = torch.where(started[:, None, None], new, lv)
         self.levels[slots] = new
         self.filled[slots] = torch.where(started & ~full, filled + 1, filled)
         return ngrams
+
+    def _rows(self, B: int) -> torch.Tensor:
+        return self._cols_b[:B] if B <= self._cols_b.numel() else torch.arange(B, device=self.device)

@@ -130,5 +130,119 @@ def test_ngrams_from_tokens_and_sizes():
     pool = NgramPool(2, 5, 15, max_keys=1024)
     assert pool.bytes_per_seq() == NgramPool.bytes_for(5, 15, 1024)
     state_bytes = sum(t.numel() * t.element_size()
-                      for t in (pool.keys, pool.key_stamp, pool.conts, pool.cont_stamp))
+                      for t in (pool.keys, pool.key_stamp, pool.conts, pool.cont_stamp, pool.cont_fp))
     assert abs(state_bytes - 2 * pool.bytes_per_seq()) < 1024  # + the dump rows
+
+
+# ----------------------------------------------------------------------------- fast paths
+# insert() resolves the common cases through fast paths (every key already stored; new keys and new
+# continuations fitting into entries this call does not use; continuations compared through a
+# 31-bit fingerprint) and falls back to the exact general path otherwise. The tests below check that
+# both give the model's semantics, and that a fingerprint collision always ends in the exact path.
+
+def _spy(monkeypatch, name):
+    """Count calls of NgramPool.<name> and what they returned."""
+    calls = []
+    orig = getattr(NgramPool, name)
+
+    def wrapper(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        calls.append(out)
+        return out
+    monkeypatch.setattr(NgramPool, name, wrapper)
+    return calls
+
+
+def _run_against_model(pool, ops):
+    model = PoolModel(pool)
+    N = pool.ngram_size
+    for kind, arg in ops:
+        if kind == "insert":
+            model.insert(arg)
+            slots = torch.tensor([s for s, _ in arg], dtype=torch.long)
+            grams = torch.tensor([g for _, g in arg], dtype=torch.long).reshape(-1, N)
+            pool.insert(slots, grams)
+        else:
+            model.reset(arg)
+            pool.reset(torch.tensor([arg]))
+        for slot in range(pool.max_seqs):
+            keys = torch.arange(-1, 8)
+            cands, valid = pool.lookup(torch.full_like(keys, slot), keys)
+            for i, key in enumerate(keys.tolist()):
+                got = [tuple(c) for c, v in zip(cands[i].tolist(), valid[i].tolist()) if v]
+                assert got == (model.lookup(slot, key) if key >= 0 else []), (slot, key)
+
+
+def _weak_fingerprint(cont, mult):
+    """A fingerprint that collides all the time: the parity of the first token."""
+    return (cont[:, 0] % 2).to(torch.int32)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.sampled_from([2, 3, 4]).flatmap(lambda n: st.tuples(st.just(n), ops_for(n))),
+       st.sampled_from([(1, 1), (4, 2), (64, 16)]), st.integers(1, 3))
+def test_pool_matches_model_with_colliding_fingerprints(n_ops, keys_ways, G):
+    import lade_vllm.proposer.pool as pool_mod
+    N, ops = n_ops
+    orig = pool_mod._fingerprint
+    pool_mod._fingerprint = _weak_fingerprint
+    try:
+        _run_against_model(NgramPool(3, N, G, max_keys=keys_ways[0], key_ways=keys_ways[1]), ops)
+    finally:
+        pool_mod._fingerprint = orig
+
+
+def test_fingerprint_collision_takes_the_exact_path(monkeypatch):
+    import lade_vllm.proposer.pool as pool_mod
+    monkeypatch.setattr(pool_mod, "_fingerprint", _weak_fingerprint)
+    fast = _spy(monkeypatch, "_insert_conts_fast")
+    pool = NgramPool(1, 3, 3)
+    # (1 | 2 4) and (1 | 2 6) share the fingerprint: stored entry vs a new row
+    _run_against_model(pool, [("insert", [(0, [1, 2, 4])]), ("insert", [(0, [1, 2, 6])])])
+    assert fast == [True, False]
+    # two distinct rows of one call colliding with each other (and no stored entry)
+    fast.clear()
+    _run_against_model(NgramPool(1, 3, 3), [("insert", [(0, [1, 2, 4]), (0, [1, 4, 4])])])
+    assert fast == [False]
+    # equal rows in one call are no collision: the fast path de-duplicates them
+    fast.clear()
+    _run_against_model(NgramPool(1, 3, 3), [("insert", [(0, [1, 2, 4]), (0, [1, 2, 4])])])
+    assert fast == [True]
+
+
+def test_fast_and_exact_paths_are_exercised_and_agree(monkeypatch):
+    """Random decoding-like traffic through small pools: every path is taken, all match the model."""
+    fast = _spy(monkeypatch, "_insert_conts_fast")
+    new_keys = _spy(monkeypatch, "_place_new_keys")
+    exact_keys = _spy(monkeypatch, "_insert_keys_exact")
+    gen = torch.Generator().manual_seed(3)
+    pool = NgramPool(3, 3, 2, max_keys=4, key_ways=2)
+    ops = []
+    for step in range(60):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        slots = torch.randint(-1, 3, (n,), generator=gen).tolist()
+        grams = torch.randint(0, 6, (n, 3), generator=gen)
+        grams[:, 0] %= 3 if step % 2 else 6   # few keys: lists overflow inside a call
+        grams = grams.tolist()
+        ops.append(("insert", list(zip(slots, grams))))
+        if step % 17 == 16:
+            ops.append(("reset", step % 3))
+    _run_against_model(pool, ops)
+    assert True in fast and False in fast
+    assert True in new_keys and False in new_keys and exact_keys
+
+
+def test_fingerprints_track_stored_continuations():
+    """Invariant of the fast path: cont_fp is the fingerprint of each stored continuation, -1 where
+    the entry is empty (after inserts, key evictions and resets)."""
+    gen = torch.Generator().manual_seed(0)
+    pool = NgramPool(2, 4, 3, max_keys=4, key_ways=2)
+    for step in range(40):
+        pool.insert(torch.randint(0, 2, (6,), generator=gen), torch.randint(0, 7, (6, 4), generator=gen))
+        if step % 13 == 12:
+            pool.reset(torch.tensor([step % 2]))
+        stored = pool.cont_stamp >= 0
+        stored[-1] = False  # dump row
+        fp = pool._fingerprint(pool.conts.view(-1, 3).long()).view(pool.cont_fp.shape)
+        assert torch.equal(pool.cont_fp[stored], fp[stored])
+        assert (pool.cont_fp[:-1][~stored[:-1]] == -1).all()

@@ -2,6 +2,7 @@
 trie merge structure."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -143,3 +144,41 @@ def test_disabled_sequence_is_root_only():
                             torch.tensor([[False, False], [True, True]]))
     assert tree.num_nodes.tolist() == [1, 12 + 3]
     assert tree.top_level_index[0].tolist() == [-1] * 4
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(tree_inputs(), st.sampled_from([70_001, 1 << 13, 1 << 20]))
+def test_tree_does_not_depend_on_token_magnitude(inp, scale):
+    """Candidates are sorted through packed keys (tokens themselves, or dense per-row ranks when the
+    tokens are too wide): an order-preserving change of the token values gives the same tree."""
+    big = dict(inp)
+    f = lambda t: torch.where(t >= 0, t * scale + 5, t)
+    big["cands"] = f(inp["cands"])
+    big["window_levels"] = f(inp["window_levels"])
+    big["last_tokens"] = f(inp["last_tokens"])
+    a, b = build_step_trees(**inp), build_step_trees(**big)
+    assert torch.equal(f(a.tokens), b.tokens)
+    for name in ("depth", "parent", "node_seq", "is_trie", "seq_start", "top_level_index",
+                 "cand_node_index"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("vocab,G,D", [(5, 6, 3), (60_000, 15, 4), (1 << 17, 15, 4),
+                                       (2**31 - 1, 9, 5), (2**31 - 1, 40, 8), (3, 40, 8)])
+def test_lex_sort_paths(vocab, G, D):
+    """Packed token keys (incl. the 64-bit sign flip), dense-rank keys and the radix fallback all give
+    the stable lexicographic order with invalid candidates last."""
+    from lade_vllm.proposer.tree import _lex_sort
+    gen = torch.Generator().manual_seed(vocab % 1000 + G + D)
+    B = 3
+    cands = torch.randint(vocab, (B, G, D), generator=gen)
+    cands[:, 1] = cands[:, 0]                                  # duplicates (stability)
+    cands[:, 2, :-1] = cands[:, 3, :-1]                        # shared prefixes
+    cands[:, -1] = vocab - 1                                   # the largest tokens
+    valid = torch.rand((B, G), generator=gen) < 0.8
+    cands[0][~valid[0]] = -1                                   # invalid: -1 rows or any tokens
+    perm = _lex_sort(cands, valid)[0]
+    for b in range(B):
+        rows = cands[b].tolist()
+        expect = sorted(range(G), key=lambda i: (not bool(valid[b, i]), rows[i] if valid[b, i] else []))
+        assert perm[b].tolist() == expect

@@ -82,3 +82,29 @@ def test_unstarted_slot_is_left_alone():
     win = JacobiWindows(2, 3, 3)
     grams = win.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([[1, 2, 3]]))
     assert (grams == -1).all() and win.filled[0] == 0 and (win.levels[0] == -1).all()
+
+
+def test_mixed_warmup_and_full_windows_in_one_batch():
+    """A batch mixing full windows (the shift path) with warming-up and unstarted slots."""
+    W, N = 4, 4
+    L = N - 1
+    gen = torch.Generator().manual_seed(5)
+    win = JacobiWindows(4, W, N)
+    prompt = torch.arange(10, 30)
+    models = {}
+    for step in range(8):
+        if step in (0, 2, 3):  # start a slot now and then
+            slot = {0: 0, 2: 2, 3: 3}[step]
+            win.init([slot], [prompt], seed=step, width=W - (slot % 2))
+            models[slot] = WindowModel(win.levels[slot].tolist(), W - (slot % 2), L)
+        slots = torch.tensor([3, 0, 1, 2])  # slot 1 never started
+        t = torch.randint(50, (4,), generator=gen)
+        top = torch.randint(50, (4, W), generator=gen)
+        grams = win.update(slots, t, top)
+        for i, s in enumerate(slots.tolist()):
+            got = [g for g in grams[i].tolist() if g[0] >= 0]
+            if s not in models:
+                assert got == [] and win.filled[s] == 0
+                continue
+            assert got == models[s].update(int(t[i]), top[i].tolist())
+            assert int(win.filled[s]) == len(models[s].levels)
