@@ -31,9 +31,17 @@ class LadeConfig:
     pool_max_keys: int = 1024
     #: Seed of the window initialisation RNG (windows are filled from prompt tokens).
     seed: int = 0
+    #: Adaptive policy (lade_vllm/policy.py): per step, choose the full tree, pool candidates
+    #: only, or plain decoding, from the batch and the measured step cost. False = always full.
+    adaptive: bool = True
+    #: Every this many steps the adaptive policy re-measures a level other than its best.
+    adaptive_explore_every: int = 16
+    #: ... among the levels predicted at least this fraction as fast as the best (0 = all levels).
+    adaptive_explore_margin: float = 0.6
 
     _RANGES = {"window_size": (1, 64), "ngram_size": (2, 16), "guess_set_size": (0, 64),
-               "pool_max_keys": (1, 1 << 20), "seed": (0, (1 << 63) - 1)}
+               "pool_max_keys": (1, 1 << 20), "seed": (0, (1 << 63) - 1),
+               "adaptive_explore_every": (2, 1 << 20)}
 
     def __post_init__(self):
         for f in fields(self):
@@ -46,6 +54,11 @@ class LadeConfig:
                 if not lo <= value <= hi:
                     raise LadeConfigError(f"lade option {f.name!r} must be in [{lo}, {hi}], "
                                           f"got {value}")
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not 0.0 <= value <= 1.0:
+                    raise LadeConfigError(f"lade option {f.name!r} must be a number in [0, 1], "
+                                          f"got {value!r}")
             elif f.type in ("bool", bool) and not isinstance(value, bool):
                 raise LadeConfigError(f"lade option {f.name!r} must be true or false, "
                                       f"got {value!r}")

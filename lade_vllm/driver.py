@@ -17,6 +17,7 @@ One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vll
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from lade_vllm.attention import TreeLayout, set_step_layout
 from lade_vllm.config import LadeConfig
 from lade_vllm.eligibility import is_eligible
 from lade_vllm.kv_move import KVMover
+from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposer import LookaheadState, StepTree
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
@@ -42,6 +44,8 @@ class Proposal:
     order: list[np.ndarray]      # per request: storage index -> local StepTree node index
     parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
     depth: list[np.ndarray]      # per request: storage-order depth
+    level: int = FULL            # adaptive policy level of this step
+    tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
 
 
 @dataclass
@@ -105,6 +109,18 @@ class LadeDriver:
                                     pool_from_prompt=cfg.pool_from_prompt)
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(max_seqs - 1, -1, -1))
+        # committed tokens each slot's state has seen (catch-up after steps without a tree)
+        self.synced = np.zeros(max_seqs, dtype=np.int64)
+        # per-request caps (SamplingParams.extra_args["lade"]): candidates and their length
+        self.slot_cands = torch.full((max_seqs,), cfg.guess_set_size, dtype=torch.long)
+        self.slot_cand_len = torch.full((max_seqs,), cfg.ngram_size - 1, dtype=torch.long)
+        self.capped_slots: set[int] = set()
+        self.policy = AdaptivePolicy(
+            full_nodes=cfg.max_draft_nodes, lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1),
+            enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
+            explore_margin=float(cfg.adaptive_explore_margin))
+        self._step_t0: float | None = None
+        self._step_tokens = 0
         self.eligible: dict[str, bool] = {}
         self.proposal: Proposal | None = None
         self.plan: StepPlan | None = None
@@ -118,6 +134,11 @@ class LadeDriver:
         if freed:
             self.state.free(torch.tensor(freed))
             self.free_slots.extend(freed)
+            for slot in freed:
+                if slot in self.capped_slots:
+                    self.capped_slots.discard(slot)
+                    self.slot_cands[slot] = self.cfg.guess_set_size
+                    self.slot_cand_len[slot] = self.cfg.ngram_size - 1
 
     def _slot_for(self, req_id: str, row: int, num_tokens: int) -> int | None:
         slot = self.slot_of.get(req_id)
@@ -128,8 +149,27 @@ class LadeDriver:
             self.slot_of[req_id] = slot
             tokens = torch.from_numpy(
                 self.runner.input_batch.token_ids_cpu[row, :num_tokens].astype(np.int64))
-            self.state.start(slot, tokens, seed=self.cfg.seed)
+            width = self._apply_request_caps(req_id, slot)
+            self.state.start(slot, tokens, seed=self.cfg.seed, width=width)
+            self.synced[slot] = num_tokens
         return slot
+
+    def _apply_request_caps(self, req_id: str, slot: int) -> int | None:
+        """Per-request window/ngram/guess caps from extra_args["lade"] (validated at admission by
+        lade_vllm.request_options); returns the window width for the slot."""
+        req = self.runner.requests.get(req_id)
+        extra = getattr(getattr(req, "sampling_params", None), "extra_args", None)
+        if not extra or not isinstance(extra.get("lade"), dict):
+            return None
+        from lade_vllm.request_options import parse_request_options
+        opts = parse_request_options(extra, self.cfg)
+        if opts.guess_set_size is not None or opts.ngram_size is not None:
+            self.capped_slots.add(slot)
+            if opts.guess_set_size is not None:
+                self.slot_cands[slot] = opts.guess_set_size
+            if opts.ngram_size is not None:
+                self.slot_cand_len[slot] = opts.ngram_size - 1
+        return opts.window_size
 
     def _is_eligible(self, req_id: str) -> bool:
         ok = self.eligible.get(req_id)
@@ -143,35 +183,67 @@ class LadeDriver:
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
                 ) -> list[list[int]]:
         batch = self.runner.input_batch
+        if self._step_t0 is not None:  # the step that just ended: tokens fed -> seconds
+            self.policy.observe_step(self._step_tokens, time.perf_counter() - self._step_t0)
+            self._step_t0 = None
         live = set(self.runner.requests)
         stale = [r for r in self.slot_of if r not in live]
         if stale:
             self.release(stale)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
-        rows, req_ids, slots, lasts = [], [], [], []
+        rows, req_ids, slots, lasts, nums = [], [], [], [], []
         for i, sampled in enumerate(sampled_token_ids):
             if not sampled:
                 continue
             req_id = batch.req_ids[i]
             if req_id is None or not self._is_eligible(req_id):
                 continue
-            slot = self._slot_for(req_id, i, int(num_tokens_no_spec[i]))
+            num = int(num_tokens_no_spec[i])
+            slot = self._slot_for(req_id, i, num)
             if slot is None:
                 continue
             rows.append(i)
+            nums.append(num)
             req_ids.append(req_id)
             slots.append(slot)
             lasts.append(sampled[-1])
         self.proposal = None
         if not rows:
             return out
+        level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
+        if level == OFF:
+            return out  # plain decoding this step; the slots catch up when trees resume
+        self._catch_up(rows, slots, nums)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
-        tree = self.state.propose(slots_t, lasts_t)
+        tree_args = self._tree_args(slots_t, level)
+        tree = self.state.propose(slots_t, lasts_t, **tree_args)
         prop = self._storage_order(req_ids, slots_t, lasts_t, tree)
+        prop.level, prop.tree_args = level, tree_args
         for row, drafts in zip(rows, prop.drafts):
             out[row] = drafts
         self.proposal = prop
         return out
+
+    def _catch_up(self, rows, slots, nums) -> None:
+        """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
+        tree) learn the tokens committed meanwhile: history and output n-grams."""
+        token_ids = self.runner.input_batch.token_ids_cpu
+        keep = self.cfg.ngram_size - 1
+        for i, slot, num in zip(rows, slots, nums):
+            known = int(self.synced[slot])
+            if known != num:
+                tail = token_ids[i, max(min(known, num) - keep, 0):num].astype(np.int64)
+                self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
+                self.synced[slot] = num
+
+    def _tree_args(self, slots: torch.Tensor, level: int) -> dict:
+        args = {}
+        if level == LOOKUP:
+            args["use_window"] = torch.zeros(slots.numel(), dtype=torch.bool)
+        if self.capped_slots:
+            args["num_cands"] = self.slot_cands[slots]
+            args["cand_len"] = self.slot_cand_len[slots]
+        return args
 
     @staticmethod
     def _storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
@@ -199,6 +271,8 @@ class LadeDriver:
     # ---- 2. before the forward --------------------------------------------------------------
     def before_forward(self, scheduler_output) -> None:
         runner = self.runner
+        self._step_t0 = time.perf_counter()
+        self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
         if scheduler_output.finished_req_ids:
             self.release(scheduler_output.finished_req_ids)
         self.plan = None
@@ -261,7 +335,8 @@ class LadeDriver:
             else:
                 sel = torch.tensor(ks)
                 sub_slots = prop.slots[sel]
-                tree = self.state.propose(sub_slots, prop.last_tokens[sel])
+                tree = self.state.propose(sub_slots, prop.last_tokens[sel],
+                                          **{k: v[sel] for k, v in prop.tree_args.items()})
             tree_target = torch.empty(tree.total_nodes, dtype=torch.long)
             for b, j in enumerate(full):
                 i, k, n = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j]
@@ -272,6 +347,9 @@ class LadeDriver:
             num_em = res.num_emitted.tolist()
             em = res.emitted.tolist()
             acc = res.accepted_nodes.tolist()
+            np.add.at(self.synced, sub_slots.numpy(), res.num_emitted.numpy())
+            self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
+                                      float(tree.num_nodes.sum()) / len(num_em) - 1.0)
             for b, j in enumerate(full):
                 k = plan.prop_idx[j]
                 lo = int(tree.seq_start[b])

@@ -52,3 +52,12 @@ class ForwardCounter:
         """Requests holding lookahead state (pool + window) in this worker."""
         driver = getattr(self.model_runner, "lade_driver", None)
         return -1 if driver is None else len(driver.slot_of)
+
+    def lade_policy(self) -> dict:
+        """Adaptive policy state: steps per level and current estimates."""
+        driver = getattr(self.model_runner, "lade_driver", None)
+        if driver is None:
+            return {}
+        pol = driver.policy
+        return {"history": list(pol.history), "tokens": [e.value for e in pol.tokens],
+                "nodes": [e.value for e in pol.nodes]}

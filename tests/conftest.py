@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 
 FULL = os.environ.get("LADE_FULL") == "1"
 
+#: lade with the adaptive policy off: every step of every eligible request is a full tree (the
+#: strongest exactness check; the policy's own test turns it on).
+LADE_TREES = {"method": "lade", "adaptive": False}
 NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 5,
                 "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import FULL, NGRAM_CONFIG, close_llm, make_llm
+from conftest import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
 from lade_vllm import measure, prompts
 
 N_PROMPTS = 24
@@ -27,7 +27,7 @@ def reference(vanilla_llm, prompt_sets):
 
 @pytest.fixture(scope="module")
 def lade_batch8(model_dir):
-    llm = make_llm(model_dir, speculative_config="lade", max_num_seqs=8, disable_log_stats=False,
+    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=8, disable_log_stats=False,
                    worker_extension_cls="lade_vllm.testing.ForwardCounter")
     yield llm
     close_llm(llm)
@@ -58,7 +58,7 @@ def test_lade_batch8_identical_to_vanilla(lade_batch8, reference, prompt_sets, n
 
 def test_lade_batch1_identical_to_vanilla_and_beats_ngram_tokens_per_step(
         model_dir, reference, prompt_sets):
-    lade = make_llm(model_dir, speculative_config="lade", max_num_seqs=1, disable_log_stats=False)
+    lade = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=1, disable_log_stats=False)
     try:
         lade_res = {n: _run(lade, ps) for n, ps in prompt_sets.items()}
     finally:

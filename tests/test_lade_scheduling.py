@@ -3,7 +3,7 @@ of trees, max_model_len truncation, aborts and requests joining mid-flight. Outp
 vanilla greedy (float32), and per-request state must be freed."""
 import pytest
 
-from conftest import close_llm, make_llm
+from conftest import LADE_TREES, close_llm, make_llm
 from lade_vllm import prompts
 
 MAX_MODEL_LEN = 1024
@@ -13,7 +13,7 @@ MAX_MODEL_LEN = 1024
 def tight_lade(model_dir):
     # 10 blocks of 128 tokens for 8 concurrent requests whose trees need 56 extra slots each:
     # the scheduler must preempt; a 160-token budget chunks long prompts and truncates trees.
-    llm = make_llm(model_dir, speculative_config="lade", max_num_seqs=8, max_model_len=MAX_MODEL_LEN,
+    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=8, max_model_len=MAX_MODEL_LEN,
                    num_gpu_blocks_override=10, enable_chunked_prefill=True,
                    max_num_batched_tokens=160,
                    worker_extension_cls="lade_vllm.testing.ForwardCounter")

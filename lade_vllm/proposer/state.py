@@ -54,6 +54,21 @@ class LookaheadState:
         hist[hist.numel() - tail.numel():] = tail
         self.history[slot] = hist
 
+    def catch_up(self, slot: int, tail: torch.Tensor, num_new: int) -> None:
+        """Tell ``slot`` about ``num_new`` tokens committed without ``commit`` (steps decoded
+        without a verified tree). ``tail`` [k]: the last committed tokens, the ``num_new`` new ones
+        preceded by up to N-1 older ones. Refreshes the history and adds the output n-grams."""
+        N = self.ngram_size
+        tail = torch.as_tensor(tail).reshape(-1).long().to(self.device)
+        hist = torch.full((N - 1,), _EMPTY, dtype=torch.long, device=self.device)
+        last = tail[-(N - 1):]
+        hist[hist.numel() - last.numel():] = last
+        self.history[slot] = hist
+        if bool(self.output_ngrams[slot]) and num_new > 0:
+            grams = ngrams_from_tokens(tail[-(num_new + N - 1):], N)
+            if grams.shape[0]:
+                self.pool.insert(torch.full((grams.shape[0],), slot, device=self.device), grams)
+
     def free(self, slots: torch.Tensor) -> None:
         """Forget ``slots`` [k] (request finished, aborted or preempted)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
@@ -63,18 +78,26 @@ class LookaheadState:
         self.history[slots] = _EMPTY
 
     def propose(self, slots: torch.Tensor, last_tokens: torch.Tensor,
-                enabled: torch.Tensor | None = None, max_cand_len: int | None = None) -> StepTree:
+                enabled: torch.Tensor | None = None, max_cand_len: int | None = None,
+                use_window: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
+                cand_len: torch.Tensor | None = None) -> StepTree:
         """Step tree for ``slots`` [B] whose last committed tokens are ``last_tokens`` [B].
 
-        ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding)."""
+        ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding).
+        ``use_window`` [B] bool: False leaves the window out of this step (it stays frozen; only
+        pool candidates are verified). ``num_cands`` [B] / ``cand_len`` [B]: at most that many
+        candidates, of at most that many tokens, per sequence."""
         slots = slots.long()
         cands, valid = self.pool.lookup(slots, last_tokens)
         levels, filled, width = self.windows.window_inputs(slots)
         if enabled is not None:
             filled = torch.where(enabled, filled, 0)
             valid = valid & enabled[:, None]
+        if use_window is not None:
+            filled = torch.where(use_window, filled, 0)
         return build_step_trees(last_tokens, levels, filled, cands, valid,
-                                max_cand_len=max_cand_len, window_size=width)
+                                max_cand_len=max_cand_len, window_size=width,
+                                num_cands=num_cands, cand_len=cand_len)
 
     def commit(self, slots: torch.Tensor, tree: StepTree, target: torch.Tensor) -> VerifyResult:
         """Verify with per-node ``target`` [tree.total_nodes], then update pool and windows.

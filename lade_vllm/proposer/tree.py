@@ -199,7 +199,7 @@ def _lex_perm_radix(cands: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num_filled: torch.Tensor,
                      cands: torch.Tensor, cand_valid: torch.Tensor, max_cand_len: int | None = None,
                      window_size: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
-                     merge: bool = True) -> StepTree:
+                     merge: bool = True, cand_len: torch.Tensor | None = None) -> StepTree:
     """Build the step trees of B sequences.
 
     last_tokens [B]: t. window_levels [B, L, W]: ``JacobiWindows`` levels (``[:, 0, 0]`` ignored).
@@ -208,6 +208,7 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     candidates from ``NgramPool.lookup``; a candidate with a negative token is dropped.
     max_cand_len: feed only the first tokens of each candidate. window_size [B]: columns per sequence
     (<= W, default W). num_cands [B]: use only the first candidates per sequence (default all).
+    cand_len [B]: feed only the first cand_len[b] tokens of sequence b's candidates (default all).
     merge=False keeps every candidate as its own chain (for tests).
 
     Implementation: every sequence gets a padded row of P = L*W + D*G node slots, [window grid cell
@@ -261,6 +262,12 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
         perm, sc, sv = None, cands, valid
         owner = sv[:, :, None].expand(B, G, D)
         node_g = sc_["cand_col"] + bc["trie_base"]
+    if cand_len is not None and D > 0:
+        deep_ok = torch.arange(D, device=dev)[None, None, :] < cand_len.long()[:, None, None]
+        owner = owner & deep_ok
+        sv = sv[:, :, None] & deep_ok                                         # [B, G, D]
+    else:
+        sv = sv[:, :, None]
 
     # ---- padded rows: [grid cell (l, c) at l*W + c | trie (depth j, sorted candidate i) at
     # L*W + j*G + i]; the existing slots, in row order, are the nodes in the documented order
@@ -286,7 +293,7 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     top = newidx.index_select(0, (bc["top_base"] + (filled[:, None] - 1).clamp(min=0) * W).view(-1))
     top_level_index = torch.where((top_col < width[:, None]), top.view(B, W), -1)
     # node of each candidate token, back in the input candidate order
-    node_of = torch.where(sv[:, :, None], newidx.index_select(0, node_g.reshape(-1)).view(B, G, D),
+    node_of = torch.where(sv, newidx.index_select(0, node_g.reshape(-1)).view(B, G, D),
                           -1)
     if perm is None:
         cand_node_index = node_of

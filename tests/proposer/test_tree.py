@@ -30,8 +30,10 @@ def tree_inputs(draw):
     valid = torch.rand((B, G), generator=gen) < 0.8
     num_cands = torch.tensor(draw(st.lists(st.integers(0, G), min_size=B, max_size=B)))
     max_len = draw(st.one_of(st.none(), st.integers(0, D)))
+    cand_len = draw(st.one_of(st.none(), st.lists(st.integers(0, D), min_size=B, max_size=B)))
     return dict(last_tokens=last, window_levels=levels, num_filled=filled, cands=cands,
-                cand_valid=valid, window_size=width, num_cands=num_cands, max_cand_len=max_len)
+                cand_valid=valid, window_size=width, num_cands=num_cands, max_cand_len=max_len,
+                cand_len=None if cand_len is None else torch.tensor(cand_len))
 
 
 def expected_visible(inp, tree, b):
@@ -99,22 +101,26 @@ def test_tree_structure(inp, merge):
         # trie: nodes are exactly the distinct prefixes of the fed candidates (merged case)
         G = inp["cands"].shape[1]
         nc = int(inp["num_cands"][b])
-        fed = [tuple(inp["cands"][b, g, :D].tolist()) for g in range(G)
-               if inp["cand_valid"][b, g] and g < nc and D > 0]
+        Db = D if inp["cand_len"] is None else min(D, int(inp["cand_len"][b]))  # per-sequence cap
+        fed = [tuple(inp["cands"][b, g, :Db].tolist()) for g in range(G)
+               if inp["cand_valid"][b, g] and g < nc and Db > 0
+               and min(inp["cands"][b, g, :D].tolist(), default=0) >= 0]
         trie_nodes = [i for i in range(start, end) if tree.is_trie[i]]
         paths = [node_path(tree, i)[1:] for i in trie_nodes]
         if merge:
-            assert sorted(paths) == sorted({c[:j + 1] for c in fed for j in range(D)})
+            assert sorted(paths) == sorted({c[:j + 1] for c in fed for j in range(Db)})
         else:
-            assert len(paths) == len(fed) * D
+            assert len(paths) == len(fed) * Db
         for g in range(G):
-            fed_g = bool(inp["cand_valid"][b, g]) and g < nc and D > 0
+            fed_g = bool(inp["cand_valid"][b, g]) and g < nc and Db > 0
             row = tree.cand_node_index[b, g]
             if not fed_g:
                 assert (row == -1).all()
                 continue
-            assert [int(tree.tokens[n]) for n in row] == inp["cands"][b, g, :D].tolist()
-            assert [int(tree.depth[n]) for n in row] == list(range(1, D + 1))
+            assert (row[Db:] == -1).all()
+            row = row[:Db]
+            assert [int(tree.tokens[n]) for n in row] == inp["cands"][b, g, :Db].tolist()
+            assert [int(tree.depth[n]) for n in row] == list(range(1, Db + 1))
             assert bool(tree.is_trie[row].all())
         # depth-major order of trie nodes
         depths = [int(tree.depth[i]) for i in trie_nodes]

@@ -1,0 +1,139 @@
+"""Where a decoding step's time goes, per method, measured in one process.
+
+Runs the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and wraps the runner's phases with
+wall-clock timers, then prints milliseconds per engine step for each phase:
+
+    .venv/bin/python benchmarks/profile_step.py [--methods vanilla,ngram,lade-small] [--batch 1]
+
+Phases (vLLM 0.32 GPUModelRunner, nested ones indented):
+  execute_model      whole forward part of a step (inputs + model)
+    prepare_inputs   _prepare_inputs (incl. lade before_forward: positions, tree masks)
+    model_forward    _model_forward (all layers, attention included)
+      attention      the attention backend's forward, summed over layers
+  sample_tokens      sampler/verification, bookkeeping and the next proposal
+    sample           _sample (vLLM's RejectionSampler + lade verify)
+      lade_verify    LadeDriver.verify (tree verification, pool/window update, KV move)
+    lade_propose     LadeDriver.propose (pool lookup, window, tree build)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TIMES: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+
+
+def _timed(cls, attr: str, name: str) -> None:
+    original = getattr(cls, attr)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            TIMES[name] += time.perf_counter() - t
+            CALLS[name] += 1
+
+    setattr(cls, attr, wrapper)
+
+
+def instrument() -> None:
+    import lade_vllm  # noqa: F401  (installs the overrides first; timers wrap them)
+    from lade_vllm.driver import LadeDriver
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
+    lade_vllm.register()
+    for attr, name in [("execute_model", "execute_model"), ("_prepare_inputs", "prepare_inputs"),
+                       ("_model_forward", "model_forward"), ("sample_tokens", "sample_tokens"),
+                       ("_sample", "sample")]:
+        _timed(GPUModelRunner, attr, name)
+    _timed(CPUAttentionBackendImpl, "forward", "attention")
+    _timed(LadeCPUAttentionImpl, "forward", "attention")
+    _timed(LadeDriver, "verify", "lade_verify")
+    _timed(LadeDriver, "propose", "lade_propose")
+
+
+ORDER = ["execute_model", "prepare_inputs", "model_forward", "attention", "sample_tokens",
+         "sample", "lade_verify", "lade_propose"]
+INDENT = {"prepare_inputs": 1, "model_forward": 1, "attention": 2, "sample": 1,
+          "lade_verify": 2, "lade_propose": 1}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--methods", default="vanilla,ngram,lade-small,lade")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(_profile_one(args)), flush=True)
+        return
+    rows = []
+    for name in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--one", name] + [
+            a for a in (argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(line[-1][7:])
+        rows.append((name, r, r["per"]))
+        print(f"{name}: {r['tok_s']:.1f} tok/s, {r['tokens_per_step']:.2f} tokens/step, "
+              f"{r['steps']} steps", flush=True)
+
+    print(f"\nms per engine step ({args.dtype}, max_num_seqs={args.batch}, "
+          f"{'eager' if args.eager else 'compiled'})")
+    print(f"{'phase':<18}" + "".join(f"{n:>12}" for n, *_ in rows))
+    for k in ["step"] + ORDER:
+        label = "  " * INDENT.get(k, 0) + k
+        print(f"{label:<18}" + "".join(f"{per[k]:>12.2f}" for *_, per in rows))
+    print(f"{'tokens/step':<18}" + "".join(f"{r['tokens_per_step']:>12.2f}" for _, r, _ in rows))
+    print(f"{'tok/s':<18}" + "".join(f"{r['tok_s']:>12.1f}" for _, r, _ in rows))
+
+
+def _profile_one(args) -> dict:
+    """One method in this process (vLLM cannot build a second in-process engine)."""
+    instrument()
+    from vllm import LLM, SamplingParams
+
+    from lade_vllm import measure, prompts
+    from lade_vllm.demo import METHODS
+    from lade_vllm.models import model_path
+
+    name = args.one
+    llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,
+              max_model_len=2048, seed=0, speculative_config=METHODS[name],
+              disable_log_stats=False, enforce_eager=args.eager)
+    ps = prompts.load("mtbench", args.prompts, llm.get_tokenizer())
+    measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
+    TIMES.clear()
+    CALLS.clear()
+    res = measure.generate(llm, name, ps, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    steps = max(CALLS["execute_model"], 1)
+    per = {k: 1000 * TIMES[k] / steps for k in ORDER}
+    per["step"] = 1000 * res.seconds / steps
+    return {"per": per, "steps": steps, "tok_s": res.tokens_per_s,
+            "tokens_per_step": res.tokens_per_step}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The adaptive policy alone (no engine): it must follow the measured step cost."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy, StepCostModel
+
+FULL_NODES, LOOKUP_NODES = 55, 12
+TOKENS = {OFF: 1.0, LOOKUP: 1.3, FULL: 1.7}   # what each level "delivers" in the simulation
+NODES = {OFF: 0, LOOKUP: 8, FULL: 45}
+
+
+def simulate(cost, num_reqs, steps=400, seed=0):
+    """Drive the policy with a synthetic step cost; returns (levels used, simulated tokens/s)."""
+    rng = random.Random(seed)
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, explore_every=16)
+    tokens_out, seconds = 0.0, 0.0
+    for _ in range(steps):
+        level = pol.choose(num_reqs, 0)
+        fed = num_reqs * (1 + NODES[level])
+        dt = cost(fed) * rng.uniform(0.9, 1.1)          # noisy machine
+        pol.observe_step(fed, dt)
+        if level != OFF:
+            pol.observe_level(level, TOKENS[level], NODES[level])
+        tokens_out += num_reqs * TOKENS[level]
+        seconds += dt
+    return pol.history, tokens_out / seconds
+
+
+@pytest.mark.parametrize("num_reqs", [1, 4, 32])
+@pytest.mark.parametrize("name,cost", [
+    ("free tokens (memory-bound GPU-like)", lambda t: 0.010 + 0.00001 * t),
+    ("compute-bound CPU", lambda t: 0.020 + 0.0015 * t),
+    ("flat then linear", lambda t: max(0.015, 0.0004 * t)),
+])
+def test_policy_tracks_best_level(name, cost, num_reqs):
+    history, rate = simulate(cost, num_reqs)
+    rates = sorted((num_reqs * TOKENS[lv] / cost(num_reqs * (1 + NODES[lv])), lv) for lv in TOKENS)
+    (second_rate, _), (best_rate, best_level) = rates[-2], rates[-1]
+    if best_rate > 1.15 * second_rate:  # a clear winner is found and kept
+        assert history[best_level] > 0.8 * sum(history), (name, num_reqs, history)
+    # exploration and learning cost little: within 10% of always picking the best level
+    assert rate >= 0.9 * best_rate, (name, num_reqs, rate, best_rate, history)
+
+
+def test_loaded_batch_turns_lade_off():
+    """32 sequences on a compute-bound machine: trees cost more than they give -> OFF, and the
+    big tree is not even explored once measured as hopeless."""
+    history, _ = simulate(lambda t: 0.020 + 0.0015 * t, 32, steps=600)
+    assert history[OFF] > 0.9 * sum(history), history
+
+
+def test_disabled_policy_always_full():
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, enabled=False)
+    for _ in range(50):
+        assert pol.choose(8, 0) == FULL
+        pol.observe_step(8 * 56, 1.0)
+
+
+def test_cost_model_is_monotone_and_interpolates():
+    cm = StepCostModel()
+    for t, s in [(1, 0.02), (8, 0.021), (64, 0.05), (512, 0.4)]:
+        cm.observe(t, s)
+    xs = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048]
+    ys = [cm(x) for x in xs]
+    assert all(b >= a for a, b in zip(ys, ys[1:]))
+    assert 0.021 <= cm(30) <= 0.05
+    assert cm(2048) > cm(512)  # beyond the measured range: grows with tokens
