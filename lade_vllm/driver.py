@@ -44,6 +44,7 @@ class Proposal:
     order: list[np.ndarray]      # per request: storage index -> local StepTree node index
     parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
     depth: list[np.ndarray]      # per request: storage-order depth
+    num_trie: list[int] = field(default_factory=list)  # per request: candidate (trie) nodes
     level: int = FULL            # adaptive policy level of this step
     tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
 
@@ -119,6 +120,9 @@ class LadeDriver:
             full_nodes=cfg.max_draft_nodes, lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1),
             enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
             explore_margin=float(cfg.adaptive_explore_margin))
+        # per request, window nodes scheduled this step (not "drafted" in vLLM's metrics)
+        self.window_counts: dict[str, int] = {}
+        self.stats = {"tree_steps": 0, "trie_nodes": 0, "window_nodes": 0}
         self._step_t0: float | None = None
         self._step_tokens = 0
         self.eligible: dict[str, bool] = {}
@@ -260,13 +264,16 @@ class LadeDriver:
         parent_s, depth_s = parent_s.numpy(), tree.depth[order].numpy()
         order_np, start_np = order.numpy(), start.numpy()
         drafts, orders, parents, depths = [], [], [], []
+        is_trie_s = tree.is_trie[order].numpy()
+        num_trie = []
         for b in range(len(req_ids)):
             lo, hi = int(start_np[b]), int(start_np[b + 1])
             drafts.append(tokens_s[lo + 1:hi].tolist())
             orders.append(order_np[lo:hi] - lo)
             parents.append(np.where(parent_s[lo:hi] >= 0, parent_s[lo:hi] - lo, -1))
             depths.append(depth_s[lo:hi])
-        return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths)
+            num_trie.append(int(is_trie_s[lo:hi].sum()))
+        return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths, num_trie)
 
     # ---- 2. before the forward --------------------------------------------------------------
     def before_forward(self, scheduler_output) -> None:
@@ -276,6 +283,7 @@ class LadeDriver:
         if scheduler_output.finished_req_ids:
             self.release(scheduler_output.finished_req_ids)
         self.plan = None
+        self.window_counts = {}
         prop = self.proposal
         if prop is None:
             set_step_layout(None)
@@ -303,6 +311,11 @@ class LadeDriver:
             if not np.array_equal(depth, np.arange(n)):
                 layout.req_indices.append(i)
                 layout.tree_masks.append(_ancestor_mask(prop.parent[k][:n]))
+            window = max(n - 1 - prop.num_trie[k], 0)   # storage order: [root | trie | window]
+            self.window_counts[req_id] = window
+            self.stats["tree_steps"] += 1
+            self.stats["trie_nodes"] += n - 1 - window
+            self.stats["window_nodes"] += window
             plan.batch_idx.append(i)
             plan.prop_idx.append(k)
             plan.num_nodes.append(n)

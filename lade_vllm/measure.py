@@ -27,6 +27,7 @@ class RunResult:
     seconds: float
     accepted: float  # draft tokens accepted by verification (vLLM's counter)
     drafts: float
+    draft_tokens: float = 0.0  # tokens vLLM counted as drafted (lade: candidate nodes only)
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +56,8 @@ def generate(llm, method: str, prompts, sampling_params) -> RunResult:
     return RunResult(method=method, texts=[o.outputs[0].text for o in outs],
                      token_ids=[list(o.outputs[0].token_ids) for o in outs], seconds=seconds,
                      accepted=after["accepted"] - before["accepted"],
-                     drafts=after["drafts"] - before["drafts"])
+                     drafts=after["drafts"] - before["drafts"],
+                     draft_tokens=after["draft_tokens"] - before["draft_tokens"])
 
 
 def shutdown(llm) -> None:

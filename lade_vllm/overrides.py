@@ -10,6 +10,8 @@ relative to the ``vllm`` package; ``GMR`` = ``v1/worker/gpu_model_runner.py``.
 | 3 | ``GMR`` ``GPUModelRunner.__init__``                  | wrap    | attach a ``LadeDriver`` to the lade drafter and swap in ``LadeRejectionSampler`` |
 | 4 | ``GMR`` ``GPUModelRunner._prepare_inputs``           | wrap    | tree positions (p + depth) and the per-step tree layout for attention |
 | 5 | ``v1/attention/backends/registry.py`` ``CPU_ATTN``   | register_backend | tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree) |
+| 6 | ``GMR`` ``GPUModelRunner.sample_tokens``             | wrap    | attach this step's per-request count of scheduled *window* nodes to the ``ModelRunnerOutput`` (attribute ``lade_window_nodes``; survives pickling to the engine core) |
+| 7 | ``v1/core/sched/scheduler.py`` ``Scheduler.update_from_output`` | wrap | add those counts to ``scheduler_output.num_invalid_spec_tokens``, which vLLM subtracts from the *drafted* metrics only (``make_spec_decoding_stats``), never from KV bookkeeping: window tokens are not counted as drafted |
 """
 from __future__ import annotations
 
@@ -95,8 +97,39 @@ def _patch_runner() -> None:
             driver.before_forward(scheduler_output)
         return result
 
+    original_sample = GPUModelRunner.sample_tokens
+
+    @functools.wraps(original_sample)
+    def sample_tokens(self, *args, **kwargs):
+        output = original_sample(self, *args, **kwargs)
+        driver = getattr(self, "lade_driver", None)
+        if driver is not None and driver.window_counts and output is not None \
+                and hasattr(output, "req_id_to_index"):
+            output.lade_window_nodes = driver.window_counts
+            driver.window_counts = {}
+        return output
+
     GPUModelRunner.__init__ = __init__
     GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.sample_tokens = sample_tokens
+
+
+def _patch_scheduler() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original_update = Scheduler.update_from_output
+
+    @functools.wraps(original_update)
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        window = getattr(model_runner_output, "lade_window_nodes", None)
+        if window:
+            merged = dict(scheduler_output.num_invalid_spec_tokens or {})
+            for req_id, n in window.items():
+                merged[req_id] = merged.get(req_id, 0) + n
+            scheduler_output.num_invalid_spec_tokens = merged
+        return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
+
+    Scheduler.update_from_output = update_from_output
 
 
 def apply() -> None:
@@ -106,6 +139,7 @@ def apply() -> None:
         return
     _patch_engine_args()
     _patch_runner()
+    _patch_scheduler()
     from lade_vllm.attention import register_cpu_tree_backend
     register_cpu_tree_backend()
     _APPLIED = True

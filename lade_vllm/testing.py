@@ -59,5 +59,5 @@ class ForwardCounter:
         if driver is None:
             return {}
         pol = driver.policy
-        return {"history": list(pol.history), "tokens": [e.value for e in pol.tokens],
+        return {"stats": dict(driver.stats), "history": list(pol.history), "tokens": [e.value for e in pol.tokens],
                 "nodes": [e.value for e in pol.nodes]}

@@ -47,8 +47,16 @@ def _assert_identical(got, want):
 @pytest.mark.parametrize("name", ["mtbench", "humaneval"])
 def test_lade_batch8_identical_to_vanilla(lade_batch8, reference, prompt_sets, name):
     lade_batch8.collective_rpc("lade_count_forwards")
+    before = lade_batch8.collective_rpc("lade_policy")[0]["stats"]
     got = _run(lade_batch8, prompt_sets[name])
     _assert_identical(got, reference[name])
+    after = lade_batch8.collective_rpc("lade_policy")[0]["stats"]
+    # vLLM's spec-decode metrics: one draft per tree step, only candidate (trie) nodes drafted,
+    # so its mean acceptance length is our tokens/step
+    stats = {k: after[k] - before[k] for k in after}
+    assert got.drafts == stats["tree_steps"], (got, stats)
+    assert got.draft_tokens == stats["trie_nodes"] and stats["window_nodes"] > 0, (got, stats)
+    assert got.accepted <= got.draft_tokens
     counts = lade_batch8.collective_rpc("lade_forward_counts")[0]
     # ONE model forward per engine step, and most steps were lookahead tree steps
     assert counts["per_step"] == {1: counts["steps"]}, counts
