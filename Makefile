@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-full bench bench-proposer clean
+.PHONY: setup model demo test test-full bench profile bench-proposer clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -42,6 +42,15 @@ test: setup
 # Full-size soak and benchmark parts (CI runs bounded versions).
 test-full: setup
 	LADE_FULL=1 $(PY) -m pytest -q -ra tests
+
+# vanilla vs vLLM ngram vs lade, side by side (tokens/s, tokens/step, speedups, plot). ~30-60 min
+# on 2 cores; BENCH_ARGS narrows it, e.g. BENCH_ARGS="--batches 1,32 --methods vanilla,ngram,lade".
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# where a step's time goes, per method (ms per phase)
+profile: setup
+	$(PY) benchmarks/profile_step.py
 
 bench-proposer: setup
 	$(PY) benchmarks/bench_proposer.py

@@ -122,7 +122,10 @@ class LadeDriver:
             explore_margin=float(cfg.adaptive_explore_margin))
         # per request, window nodes scheduled this step (not "drafted" in vLLM's metrics)
         self.window_counts: dict[str, int] = {}
-        self.stats = {"tree_steps": 0, "trie_nodes": 0, "window_nodes": 0}
+        # counters for tests and benchmarks; host_seconds = lade's own CPU work per step
+        # (proposal, tree layout, verification and state update), steps = steps with lade requests
+        self.stats = {"tree_steps": 0, "trie_nodes": 0, "window_nodes": 0, "steps": 0,
+                      "host_seconds": 0.0}
         self._step_t0: float | None = None
         self._step_tokens = 0
         self.eligible: dict[str, bool] = {}
@@ -186,6 +189,13 @@ class LadeDriver:
     # ---- 1. propose -------------------------------------------------------------------------
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
                 ) -> list[list[int]]:
+        t0 = time.perf_counter()
+        try:
+            return self._propose(sampled_token_ids, num_tokens_no_spec)
+        finally:
+            self.stats["host_seconds"] += time.perf_counter() - t0
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec) -> list[list[int]]:
         batch = self.runner.input_batch
         if self._step_t0 is not None:  # the step that just ended: tokens fed -> seconds
             self.policy.observe_step(self._step_tokens, time.perf_counter() - self._step_t0)
@@ -214,6 +224,7 @@ class LadeDriver:
         self.proposal = None
         if not rows:
             return out
+        self.stats["steps"] += 1
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
@@ -277,8 +288,14 @@ class LadeDriver:
 
     # ---- 2. before the forward --------------------------------------------------------------
     def before_forward(self, scheduler_output) -> None:
-        runner = self.runner
         self._step_t0 = time.perf_counter()
+        try:
+            self._before_forward(scheduler_output)
+        finally:
+            self.stats["host_seconds"] += time.perf_counter() - self._step_t0
+
+    def _before_forward(self, scheduler_output) -> None:
+        runner = self.runner
         self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
         if scheduler_output.finished_req_ids:
             self.release(scheduler_output.finished_req_ids)
@@ -328,6 +345,13 @@ class LadeDriver:
     def verify(self, metadata, target: torch.Tensor, sampled: torch.Tensor) -> None:
         """``target`` [num_logits] greedy token per logits row; ``sampled`` [B, S] vLLM's output,
         rewritten in place for tree requests."""
+        t0 = time.perf_counter()
+        try:
+            self._verify(metadata, target, sampled)
+        finally:
+            self.stats["host_seconds"] += time.perf_counter() - t0
+
+    def _verify(self, metadata, target: torch.Tensor, sampled: torch.Tensor) -> None:
         plan, prop = self.plan, self.proposal
         self.plan = None
         self.proposal = None

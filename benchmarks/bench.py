@@ -1,0 +1,179 @@
+"""Side-by-side benchmark: vanilla vs vLLM ngram vs lade, one run, one machine.
+
+    .venv/bin/python benchmarks/bench.py                      # or: make bench
+    .venv/bin/python benchmarks/bench.py --batches 1,32 --methods vanilla,ngram,lade --prompts 8
+
+For every method, one engine (bf16, compiled, max_num_seqs = the largest batch) decodes MT-bench and
+HumanEval prompts greedily; "batch b" submits the prompts b at a time. Reports tokens/s,
+tokens/step, speedup vs vanilla and vs ngram, step efficiency (speedup / tokens per step) and the
+lade proposer's host time per step; writes a markdown table and a PNG plot under
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": "4", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2,
+         "prompt_lookup_max": 4}
+METHODS = {
+    "vanilla": None,
+    "ngram": NGRAM,
+    # the small ngram sweep: fewer / more draft tokens
+    "ngram-k3": {**NGRAM, "num_speculative_tokens": 3},
+    "ngram-k8": {**NGRAM, "num_speculative_tokens": 8, "prompt_lookup_max": 5},
+    "lade": "lade",                                   # defaults, adaptive policy on
+    "lade-full": {"method": "lade", "adaptive": False},   # W7/N5/G7, every step a full tree
+    "lade-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3, "guess_set_size": 2,
+                    "adaptive": False},
+    "lade-W4N4G4": {"method": "lade", "window_size": 4, "ngram_size": 4, "guess_set_size": 4,
+                    "adaptive": False},
+}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_method(name: str, args) -> list[dict]:
+    """All datasets and batch sizes of one method, in this process (one engine)."""
+    from vllm import LLM, SamplingParams
+
+    from lade_vllm import measure, prompts
+    from lade_vllm.models import model_path
+
+    batches = [int(b) for b in args.batches.split(",")]
+    spec = METHODS[name]
+    t0 = time.perf_counter()
+    llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=max(batches), max_model_len=2048,
+              seed=0, speculative_config=spec, disable_log_stats=False,
+              worker_extension_cls="lade_vllm.testing.ForwardCounter")
+    print(f"  [{name}] engine up in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    is_lade = isinstance(spec, str) or (isinstance(spec, dict) and spec.get("method") == "lade")
+    rows = []
+    for dataset in args.datasets.split(","):
+        for b in batches:
+            n = max(b, args.prompts) if b > 1 else args.prompts
+            ps = prompts.load(dataset, n, llm.get_tokenizer())
+            measure.generate(llm, name, ps[:b], SamplingParams(temperature=0.0, max_tokens=4))
+            before = llm.collective_rpc("lade_policy")[0] if is_lade else {}
+            results = [measure.generate(llm, name, ps[i:i + b], sp) for i in range(0, n, b)]
+            after = llm.collective_rpc("lade_policy")[0] if is_lade else {}
+            tokens = sum(r.num_tokens for r in results)
+            seconds = sum(r.seconds for r in results)
+            accepted = sum(r.accepted for r in results)
+            row = {"method": name, "dataset": dataset, "batch": b, "tokens": tokens,
+                   "seconds": seconds, "tok_s": tokens / seconds,
+                   "tokens_per_step": tokens / max(tokens - accepted, 1)}
+            if is_lade:
+                host = after["stats"]["host_seconds"] - before["stats"]["host_seconds"]
+                steps = after["stats"]["steps"] - before["stats"]["steps"]
+                row["host_ms_per_step"] = 1000 * host / max(steps, 1)
+                row["ms_per_step"] = 1000 * seconds / max(steps, 1)
+                row["levels"] = [a - b_ for a, b_ in zip(after["history"], before["history"])]
+            rows.append(row)
+            print(f"  [{name}] {dataset} batch {b}: {row['tok_s']:.1f} tok/s, "
+                  f"{row['tokens_per_step']:.2f} tokens/step", file=sys.stderr, flush=True)
+    measure.shutdown(llm)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "vanilla"}
+    ngram = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "ngram"}
+    out = ["| dataset | batch | method | tok/s | tokens/step | vs vanilla | vs ngram | "
+           "step efficiency | proposer host ms/step (% of step) | lade levels off/lookup/full |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["batch"])):
+        key = (r["dataset"], r["batch"])
+        v = r["tok_s"] / base[key]["tok_s"] if key in base else float("nan")
+        g = r["tok_s"] / ngram[key]["tok_s"] if key in ngram else float("nan")
+        host = (f"{r['host_ms_per_step']:.2f} ({100 * r['host_ms_per_step'] / r['ms_per_step']:.0f}%)"
+                if "host_ms_per_step" in r else "")
+        levels = "/".join(str(x) for x in r["levels"]) if "levels" in r else ""
+        out.append(f"| {r['dataset']} | {r['batch']} | {r['method']} | {r['tok_s']:.1f} | "
+                   f"{r['tokens_per_step']:.2f} | {v:.2f}x | {g:.2f}x | "
+                   f"{v / r['tokens_per_step']:.2f} | {host} | {levels} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = sorted({r["dataset"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
+    for j, ds in enumerate(datasets):
+        base = {r["batch"]: r["tok_s"] for r in rows if r["method"] == "vanilla" and r["dataset"] == ds}
+        for m in methods:
+            rs = sorted((r for r in rows if r["method"] == m and r["dataset"] == ds),
+                        key=lambda r: r["batch"])
+            xs = [r["batch"] for r in rs]
+            axes[0][j].plot(xs, [r["tok_s"] / base.get(r["batch"], r["tok_s"]) for r in rs],
+                            marker="o", label=m)
+            axes[1][j].plot(xs, [r["tokens_per_step"] for r in rs], marker="o", label=m)
+        axes[0][j].set(title=f"{ds}: speedup vs vanilla", xscale="log", xlabel="batch size")
+        axes[0][j].axhline(1.0, color="gray", lw=0.8)
+        axes[1][j].set(title=f"{ds}: tokens per step", xscale="log", xlabel="batch size")
+        axes[0][j].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--datasets", default="mtbench,humaneval")
+    ap.add_argument("--batches", default="1,4,16,32")
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per batch-1 run (and minimum)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:  # child process: vLLM cannot build a second engine in one process
+        print("ROWS " + json.dumps(run_method(args.one, args)), flush=True)
+        return
+    methods = args.methods.split(",")
+    if "vanilla" not in methods:
+        methods.insert(0, "vanilla")
+    rows = []
+    for k, name in enumerate(methods, 1):
+        print(f"[{k}/{len(methods)}] {name} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + \
+            (argv if argv is not None else sys.argv[1:])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
+        if proc.returncode or not got:
+            print(f"  [{name}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+            continue
+        rows.extend(json.loads(got[-1][5:]))
+    import torch
+    import vllm
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
+    os.makedirs(RESULTS, exist_ok=True)
+    head = (f"bench {stamp} UTC: {args.dtype}, greedy, {args.max_tokens} new tokens, "
+            f"vllm {vllm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs; load average at end {os.getloadavg()[0]:.1f}")
+    md = head + "\n\n" + table(rows) + "\n"
+    md_path = os.path.join(RESULTS, f"bench-{stamp}.md")
+    with open(md_path, "w") as f:
+        f.write(md)
+    with open(md_path[:-3] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    png = md_path[:-3] + ".png"
+    plot(rows, png)
+    print(md)
+    print(f"wrote {md_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
