@@ -40,7 +40,8 @@ class ServerError(RuntimeError):
 
 
 class LadeServer:
-    def __init__(self, model_dir: str, extra_args: list[str], log_path, startup_s: float = 420):
+    def __init__(self, model_dir: str, extra_args: list[str], log_path, startup_s: float = 420,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.base_url = self.root + "/v1"
@@ -48,7 +49,7 @@ class LadeServer:
         with open(log_path, "w") as out:
             self.proc = subprocess.Popen(server_command(model_dir, self.port, extra_args),
                                          stdout=out, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ))
+                                         env={**os.environ, **(env or {})})
         deadline = time.time() + startup_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -146,6 +147,13 @@ class LadeServer:
         raise ServerError("engine still holds requests after "
                           f"{timeout:.0f} s: running={self.metric('vllm:num_requests_running')}, "
                           f"waiting={self.metric('vllm:num_requests_waiting')}")
+
+    def collective_rpc(self, method: str) -> list:
+        """Call a worker method (needs VLLM_SERVER_DEV_MODE=1 and e.g. --worker-extension-cls)."""
+        status, body = self.post_json("/collective_rpc", {"method": method})
+        if status != 200:
+            raise ServerError(f"/collective_rpc {method} answered {status}: {body[:500]}")
+        return json.loads(body)["results"]
 
     def tree_rss(self) -> int:
         """Resident memory (bytes) of the server process and all its descendants."""

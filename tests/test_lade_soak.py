@@ -8,7 +8,9 @@ clients, mid-stream aborts and KV-cache preemption.
   client closes the connection). Zero errors; every completed response has exactly the tokens and
   text of vanilla greedy (fp32); the engine ends holding no request; the RSS of the whole server
   process tree (API server + engine core) stays within RSS_BOUND of its value before the soak;
-  the server stays healthy and still answers exactly.
+  the server stays healthy and still answers exactly; and the worker holds no lookahead state
+  (pool + window) for any finished, aborted or preempted request (read over vLLM's dev-mode
+  /collective_rpc through lade_vllm.testing.ForwardCounter).
 
 CI size: 8 clients, 40 requests. Full size (`make soak`, LADE_FULL=1): 32 clients, 200 requests.
 """
@@ -145,8 +147,10 @@ def references(vanilla_llm, prompt_texts, soak_jobs) -> dict[tuple[int, int], tu
 def soak_server(model_dir, references, tmp_path_factory):
     log = tmp_path_factory.mktemp("soak") / "server.log"
     args = ["--speculative-config", SPEC, "--max-model-len", "1024",
-            "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS)]
-    with LadeServer(model_dir, args, log) as server:
+            "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
+            "--worker-extension-cls", "lade_vllm.testing.ForwardCounter"]
+    # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
+    with LadeServer(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         yield server
         print(f"\nserver log: {log}")
 
@@ -212,3 +216,8 @@ def test_soak_concurrent_streams_with_aborts(soak_server, prompt_texts, soak_job
     assert "Traceback" not in log and "EngineDeadError" not in log
     # and it still answers exactly
     assert check(run_jobs(soak_server, prompt_texts, final, 1), references)["done"] == 1
+    # per-request lookahead state (pool, window) was freed on finish, abort and preemption: only
+    # the request just finished may still hold a slot (released when the worker next sees it gone)
+    live = [int(x) for x in soak_server.collective_rpc("lade_live_slots")]
+    print(f"lade slots still held after the soak: {live}")
+    assert live and max(live) <= 1, live
