@@ -28,6 +28,7 @@ from lade_vllm.config import LadeConfig
 from lade_vllm.eligibility import is_eligible
 from lade_vllm.kv_move import KVMover
 from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy
+from lade_vllm.request_options import parse_request_options
 from lade_vllm.proposer import LookaheadState, StepTree
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
@@ -166,10 +167,9 @@ class LadeDriver:
         lade_vllm.request_options); returns the window width for the slot."""
         req = self.runner.requests.get(req_id)
         extra = getattr(getattr(req, "sampling_params", None), "extra_args", None)
-        if not extra or not isinstance(extra.get("lade"), dict):
+        if not extra or extra.get("lade") in (None, True):
             return None
-        from lade_vllm.request_options import parse_request_options
-        opts = parse_request_options(extra, self.cfg)
+        opts = parse_request_options(extra, self.cfg)  # dict or its JSON text (HTTP vllm_xargs)
         if opts.guess_set_size is not None or opts.ngram_size is not None:
             self.capped_slots.add(slot)
             if opts.guess_set_size is not None:

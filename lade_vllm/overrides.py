@@ -12,6 +12,8 @@ relative to the ``vllm`` package; ``GMR`` = ``v1/worker/gpu_model_runner.py``.
 | 5 | ``v1/attention/backends/registry.py`` ``CPU_ATTN``   | register_backend | tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree) |
 | 6 | ``GMR`` ``GPUModelRunner.sample_tokens``             | wrap    | attach this step's per-request count of scheduled *window* nodes to the ``ModelRunnerOutput`` (attribute ``lade_window_nodes``; survives pickling to the engine core) |
 | 7 | ``v1/core/sched/scheduler.py`` ``Scheduler.update_from_output`` | wrap | add those counts to ``scheduler_output.num_invalid_spec_tokens``, which vLLM subtracts from the *drafted* metrics only (``make_spec_decoding_stats``), never from KV bookkeeping: window tokens are not counted as drafted |
+| 8 | ``v1/engine/input_processor.py`` ``InputProcessor._validate_params`` | wrap | front-end admission: reject invalid per-request lade options (``extra_args["lade"]``, lade_vllm.request_options) with a ValueError naming the field, so a bad request fails alone (offline ``LLM.generate``; HTTP 400) |
+| 9 | ``v1/engine/async_llm.py`` ``AsyncLLM.generate``     | wrap    | the same check before the result generator exists, so a streamed HTTP request with bad lade options gets 400 instead of an error inside a 200 event stream |
 """
 from __future__ import annotations
 
@@ -132,6 +134,55 @@ def _patch_scheduler() -> None:
     Scheduler.update_from_output = update_from_output
 
 
+def engine_lade_config(vllm_config):
+    """The engine's LadeConfig when lade is its speculative method, else None."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    spec = getattr(vllm_config, "speculative_config", None)
+    if "lade" not in extra or spec is None or getattr(spec, "method", None) != "custom_class" \
+            or getattr(spec, "model", None) != PROPOSER_PATH:
+        return None
+    from lade_vllm.config import LadeConfig
+    return LadeConfig.from_user(extra["lade"])
+
+
+def _check_request(vllm_config, params) -> None:
+    """Raise LadeRequestError (a ValueError and a vLLM client error) for bad lade options."""
+    extra = getattr(params, "extra_args", None)
+    if not extra or "lade" not in extra:
+        return
+    engine = engine_lade_config(vllm_config)
+    if engine is not None:
+        from lade_vllm.request_options import parse_request_options
+        parse_request_options(extra, engine)
+
+
+def _patch_admission() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original_validate = InputProcessor._validate_params
+
+    @functools.wraps(original_validate)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original_validate(self, params, *args, **kwargs)
+        _check_request(self.vllm_config, params)
+        return result
+
+    InputProcessor._validate_params = _validate_params
+
+    original_generate = AsyncLLM.generate
+
+    # A plain function returning vLLM's async generator: the check runs when the server calls
+    # generate(), not at the first iteration inside the streaming response.
+    @functools.wraps(original_generate)
+    def generate(self, *args, **kwargs):
+        params = kwargs.get("sampling_params", args[1] if len(args) > 1 else None)
+        _check_request(self.vllm_config, params)
+        return original_generate(self, *args, **kwargs)
+
+    AsyncLLM.generate = generate
+
+
 def apply() -> None:
     """Install all overrides (idempotent; runs in every vLLM process via register())."""
     global _APPLIED
@@ -140,6 +191,7 @@ def apply() -> None:
     _patch_engine_args()
     _patch_runner()
     _patch_scheduler()
+    _patch_admission()
     from lade_vllm.attention import register_cpu_tree_backend
     register_cpu_tree_backend()
     _APPLIED = True
