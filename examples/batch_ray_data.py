@@ -82,8 +82,10 @@ def main() -> None:
         if args.ray_address:
             ray.init(address=args.ray_address)
         else:
+            # Ray turns 127.0.0.1 into the machine's outward address; another loopback address
+            # keeps a private instance's connections on the loopback interface.
             ray.init(num_cpus=max(2, args.replicas), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False)
+                     _node_ip_address="127.0.0.2", log_to_driver=False)
         started_here = True
     try:
         ctx = ray.data.DataContext.get_current()
