@@ -57,7 +57,7 @@ class StepPlan:
     prop_idx: list[int] = field(default_factory=list)     # index into the Proposal
     num_nodes: list[int] = field(default_factory=list)    # scheduled nodes incl. root
     full: list[bool] = field(default_factory=list)        # whole tree scheduled
-    slot_mapping: list[torch.Tensor] = field(default_factory=list)
+    slot_mapping: list[torch.Tensor] = field(default_factory=list)  # per request [groups, n]
 
 
 def _ancestor_mask(parent: np.ndarray) -> torch.Tensor:
@@ -133,6 +133,10 @@ class LadeDriver:
         self.proposal: Proposal | None = None
         self.plan: StepPlan | None = None
         self.kv = KVMover(runner)
+        # sliding-window models: trees only while the whole sequence fits inside the window (the
+        # window then masks nothing); longer requests decode normally through vLLM's kernel
+        window = runner.model_config.get_sliding_window()
+        self.max_tree_len = (int(window) - 2 - cfg.max_draft_nodes) if window else None
 
     # ---- request lifetime -------------------------------------------------------------------
     def release(self, req_ids) -> None:
@@ -213,6 +217,10 @@ class LadeDriver:
             if req_id is None or not self._is_eligible(req_id):
                 continue
             num = int(num_tokens_no_spec[i])
+            if self.max_tree_len is not None and num > self.max_tree_len:
+                if req_id in self.slot_of:
+                    self.release([req_id])
+                continue
             slot = self._slot_for(req_id, i, num)
             if slot is None:
                 continue
@@ -310,7 +318,8 @@ class LadeDriver:
         sched = scheduler_output.scheduled_spec_decode_tokens
         plan = StepPlan()
         layout = TreeLayout(req_indices=[], tree_masks=[])
-        slot_mapping = batch.block_table[0].slot_mapping.gpu
+        # one slot mapping per KV-cache group (several for hybrid sliding-window models)
+        tables = [bt.slot_mapping.gpu for bt in batch.block_table.block_tables]
         for k, req_id in enumerate(prop.req_ids):
             i = batch.req_id_to_index.get(req_id)
             drafts = sched.get(req_id)
@@ -337,7 +346,7 @@ class LadeDriver:
             plan.prop_idx.append(k)
             plan.num_nodes.append(n)
             plan.full.append(n == len(mine) + 1)
-            plan.slot_mapping.append(slot_mapping[start:start + n].clone())
+            plan.slot_mapping.append(torch.stack([t[start:start + n] for t in tables]))
         set_step_layout(layout if layout.req_indices else None)
         self.plan = plan if plan.batch_idx else None
 
@@ -409,7 +418,7 @@ class LadeDriver:
             sampled[i, :len(toks)] = torch.tensor(toks, dtype=sampled.dtype)
             for depth, s in enumerate(paths[j], start=1):
                 if s != depth:
-                    moves_src.append(plan.slot_mapping[j][s])
-                    moves_dst.append(plan.slot_mapping[j][depth])
+                    moves_src.append(plan.slot_mapping[j][:, s])
+                    moves_dst.append(plan.slot_mapping[j][:, depth])
         if moves_src:
-            self.kv.move(torch.stack(moves_src), torch.stack(moves_dst))
+            self.kv.move(torch.stack(moves_src, 1), torch.stack(moves_dst, 1))

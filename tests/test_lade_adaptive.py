@@ -30,3 +30,18 @@ def test_adaptive_levels_switch_and_outputs_identical(adaptive_lade, vanilla_llm
     assert all(n > 0 for n in policy["history"]), policy  # off, lookup and full all ran
     # levels that ran measured what they delivered (at least one token per step)
     assert all(t >= 1.0 for t in policy["tokens"]), policy
+
+
+def test_per_request_caps_are_honoured_and_exact(adaptive_lade, vanilla_llm, tokenizer):
+    """extra_args={"lade": {...}} caps a request's tree: one candidate of one token per step."""
+    from vllm import SamplingParams
+
+    from lade_vllm import measure
+    ps = prompts.load("humaneval", 6, tokenizer)
+    caps = {"window_size": 2, "ngram_size": 2, "guess_set_size": 1}
+    sp = SamplingParams(temperature=0.0, max_tokens=40, extra_args={"lade": caps})
+    want = vanilla_llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
+    got = measure.generate(adaptive_lade, "lade-capped", ps, sp)
+    assert got.token_ids == [list(w.outputs[0].token_ids) for w in want]
+    # at most one candidate node per tree step, so at most one accepted token per step
+    assert got.draft_tokens <= got.drafts and got.accepted <= got.drafts, got

@@ -3,19 +3,17 @@ heads sharing 1 KV head of size 256, two RoPE bases, 262k vocabulary, tied embed
 PyPI GGUF chunks (``lade_vllm.models.gemma3_path``, prepared on first use: ~230 MB download, ~1.5
 min conversion).
 
-Gemma 3 interleaves sliding-window layers (window 512) with global ones, and lade's CPU tree
-attention does not yet implement sliding windows (it raises). Below the window length a sliding
-window changes nothing, so the lade engine runs with the window switched off
-(``hf_overrides={"sliding_window": None}``) on sequences kept shorter than 512 tokens, while the
-vanilla reference keeps the model's own config: equality then also shows the override is exact.
+Gemma 3 interleaves sliding-window layers (window 512) with global ones. lade's CPU tree attention
+builds trees only while a request fits inside the smallest window (the window then masks nothing);
+past that point the request decodes normally. One prompt here starts just under that limit and
+crosses it mid-generation.
 """
 import pytest
 
-from conftest import FULL, NGRAM_CONFIG, close_llm, make_llm
+from conftest import FULL, LADE_TREES, NGRAM_CONFIG, close_llm, make_llm
 
 MAX_TOKENS = 48
 WINDOW = 512
-NO_WINDOW = {"sliding_window": None}  # see the module docstring
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +47,10 @@ def gemma_prompts(gemma_dir):
     longest = max(len(tok(t).input_ids) for t in texts)
     assert tok("x").input_ids[0] == tok.bos_token_id  # Gemma needs <bos>; models.py adds it
     assert longest + MAX_TOKENS < WINDOW
-    return texts
+    # ~430 tokens of code: trees at first, then past 512 - 2 - 55 tokens plain decoding
+    long_text = "\n\n".join(prompts.load("humaneval", 12))
+    ids = tok(long_text).input_ids[:430]
+    return texts + [tok.decode(ids[1:])]
 
 
 def _run(llm, method, texts):
@@ -69,8 +70,7 @@ def gemma_vanilla(gemma_dir, gemma_prompts):
 
 
 def test_gemma3_lade_exact_fp32(gemma_dir, gemma_prompts, gemma_vanilla):
-    llm = make_llm(gemma_dir, max_model_len=1024, speculative_config="lade",
-                   hf_overrides=NO_WINDOW)
+    llm = make_llm(gemma_dir, max_model_len=1024, speculative_config=dict(LADE_TREES))
     try:
         lade = _run(llm, "lade", gemma_prompts)
     finally:
@@ -102,7 +102,7 @@ def test_gemma3_lade_tensor_parallel_2(gemma_dir, gemma_prompts, gemma_vanilla, 
     # vLLM binds one NUMA node per CPU worker by default and this machine has one
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     llm = make_llm(gemma_dir, max_model_len=1024, speculative_config="lade",
-                   hf_overrides=NO_WINDOW, tensor_parallel_size=2)
+                   tensor_parallel_size=2)
     try:
         lade = _run(llm, "lade", gemma_prompts)
     finally:

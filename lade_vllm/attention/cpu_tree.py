@@ -246,14 +246,17 @@ def _layout_for(isa: str, dtype: torch.dtype, block_size: int, head_size: int,
 
 
 class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
-    def _check_tree_supported(self) -> None:
+    def _check_tree_supported(self, plan: TreeAttnPlan | None = None) -> None:
         unsupported = []
         if self.attn_type != AttentionType.DECODER:
             unsupported.append(f"attn_type={self.attn_type}")
         if self.alibi_slopes is not None:
             unsupported.append("ALiBi")
-        if self.sliding_window not in (-1, None):
-            unsupported.append(f"sliding window ({self.sliding_window})")
+        if self.sliding_window not in (-1, None) and (
+                plan is None or plan.max_kv_len >= self.sliding_window - 1):
+            # a window that covers every key changes nothing; the driver only builds trees for
+            # requests that fit inside the model's smallest window (LadeDriver.max_tree_len)
+            unsupported.append(f"sliding window ({self.sliding_window}) shorter than the sequence")
         if self.logits_soft_cap:
             unsupported.append(f"logits softcap ({self.logits_soft_cap})")
         if self.sinks is not None:
@@ -282,7 +285,7 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = getattr(attn_metadata, "tree", None)
         if plan is not None and plan.covers_all:
             # every row is overwritten below; vLLM's causal kernel would be wasted work
-            self._check_tree_supported()
+            self._check_tree_supported(plan)
             self._tree_overwrite(layer, query, kv_cache, plan, output)
             return output
         result = super().forward(
@@ -299,7 +302,7 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = getattr(attn_metadata, "tree", None)
         if plan is None:
             return result
-        self._check_tree_supported()
+        self._check_tree_supported(plan)
         self._tree_overwrite(layer, query, kv_cache, plan, output)
         return result
 
