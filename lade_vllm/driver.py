@@ -10,7 +10,8 @@ One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vll
    scheduled drafts are the tree we proposed, rewrite its RoPE positions to p + depth and publish the
    tree masks for the attention backend (lade_vllm.attention).
 3. The model forward (vLLM's), with tree-masked attention for tree requests; logits at every node.
-4. ``LadeDriver.verify`` (inside ``LadeRejectionSampler.forward``): per-node greedy targets, tree
+4. ``LadeDriver.verify`` (inside ``LadeRejectionSampler.forward``): per-node targets (argmax, or
+   independent samples for sampled requests, lade_vllm.sampling), tree
    verification, window harvest/shift and pool update, emitted tokens written into vLLM's sampler
    output, and the accepted path's KV moved to the canonical slots p+1..p+a.
 """
@@ -223,8 +224,8 @@ class LadeDriver:
     # ---- 4. verification --------------------------------------------------------------------
     def verify(self, metadata, logits: torch.Tensor, sampling_metadata, sampler
                ) -> TreeOutput | None:
-        """Verify this step's trees from ``logits`` [num_logits, V] (called BEFORE vLLM's
-        ``RejectionSampler.forward``, which may update logits in place); commit the lookahead
+        """Verify this step's trees from ``logits`` [num_logits, V] (vLLM's logits rows: per
+        request its scheduled nodes in storage order, ``metadata.cu_num_sampled_tokens``); commit the lookahead
         state and move the accepted path's KV. Returns the emitted tokens (and their logprobs)
         of the tree requests, which the caller writes over vLLM's output rows.
 

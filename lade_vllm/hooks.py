@@ -5,15 +5,15 @@
   (``GPUModelRunner.propose_draft_token_ids``); it forwards to the runner's ``LadeDriver``.
 - ``LadeRejectionSampler``: replaces ``GPUModelRunner.rejection_sampler``. Tree requests are verified by
   the driver (lookahead tree verification, exact for greedy and sampled requests); vLLM's own
-  ``RejectionSampler.forward`` samples every other request (plain decodes, chains, requests lade
-  does not speculate: penalties, bad words, ...) exactly as without lade.
+  ``Sampler`` samples every other request (requests lade does not speculate: penalties, bad
+  words, ...) exactly as in a step without speculation.
 """
 from __future__ import annotations
 
 from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from lade_vllm.config import LadeConfig
-from lade_vllm.sampling import forward_without_trees
+from lade_vllm.sampling import sample_root_rows
 
 
 class LadeProposer:
@@ -34,15 +34,14 @@ class LadeProposer:
 
 
 class LadeRejectionSampler(RejectionSampler):
-    """vLLM 0.32 ``RejectionSampler`` (``v1/sample/rejection_sampler.py``) with tree verification.
+    """Replaces vLLM 0.32's ``RejectionSampler`` (``v1/sample/rejection_sampler.py``).
 
     ``forward``: (1) the driver verifies the tree requests from the raw logits (per-node targets,
-    lookahead commit, KV move); (2) vLLM samples the rest of the batch with the tree requests cut
-    down to their root row (``sampling.forward_without_trees``: vLLM's ``RejectionSampler.forward``,
-    or its plain ``Sampler.forward`` when no other request has drafts), so every non-tree row is
-    vLLM's own, logprobs included; (3) the tree requests' rows of ``sampled_token_ids`` and of
-    ``logprobs_tensors`` are written from the verification (``TreeOutput.write``: vLLM would read
-    output token j's logprobs from logits row j, the wrong row for a tree)."""
+    lookahead commit, KV move, ``LadeDriver.verify``); (2) vLLM's plain ``Sampler.forward`` samples
+    one token per request from its root row (``sampling.sample_root_rows``), so every request lade
+    does not verify gets exactly vanilla's token and logprobs; (3) the tree requests' rows of
+    ``sampled_token_ids`` and ``logprobs_tensors`` are written from the verification
+    (``TreeOutput.write``)."""
     driver = None
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
@@ -50,9 +49,7 @@ class LadeRejectionSampler(RejectionSampler):
         tree_out = None
         if driver is not None and driver.plan is not None:
             tree_out = driver.verify(metadata, logits, sampling_metadata, self.sampler)
-        if tree_out is None or not tree_out.batch_idx:
-            return super().forward(metadata, draft_probs, logits, sampling_metadata)
-        out = forward_without_trees(super().forward, self.sampler, metadata, draft_probs, logits,
-                                    sampling_metadata, tree_out.batch_idx)
-        tree_out.write(out)
+        out = sample_root_rows(self.sampler, metadata, logits, sampling_metadata)
+        if tree_out is not None:
+            tree_out.write(out)
         return out

@@ -235,75 +235,36 @@ def verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray,
     return path[::-1]
 
 
-def forward_without_trees(rejection_forward, sampler, metadata, draft_probs,
-                          logits: torch.Tensor, sampling_metadata, tree_batch_idx: list[int]):
-    """vLLM's sampling for every request of the batch, with the tree requests cut down to their
-    root row (vLLM then samples one plain token for them, which ``TreeOutput.write`` replaces):
-    vLLM's per-row work (e.g. the top-p sort of ``apply_sampling_constraints``) is not repeated
-    over every tree node, and its chain rejection never reads a tree as a chain.
+def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata):
+    """vLLM's own plain sampling step over ONE logits row per request: the row of its last
+    committed token (for a tree request the root; for any other request its only row, or the
+    first row of a chain lade did not propose). This is ``Sampler.forward`` exactly as a step
+    without speculation runs it (penalties, bad words, logit bias, min_tokens, min_p, allowed
+    token ids, logprobs: all vLLM's), so every request lade does not verify gets vanilla's token;
+    the tree requests' rows are then overwritten by ``TreeOutput.write``.
 
-    ``rejection_forward(metadata, draft_probs, logits, sampling_metadata)`` is vLLM's
-    ``RejectionSampler.forward``; when no request keeps a draft it is vLLM's plain
-    ``Sampler.forward`` over one row per request instead (what a step without speculation runs).
-    The result is laid out as ``[B, metadata.max_spec_len + 1]`` like vLLM's, logprobs included.
-    Rebuilds the ``SpecDecodeMetadata`` as ``GPUModelRunner._calc_spec_decode_metadata`` would
-    for the reduced draft counts, and drops the tree requests' ``spec_token_ids`` (read by
-    penalties / bad words / thinking budget for the draft rows) to match."""
+    vLLM's chain ``RejectionSampler`` is never used: it would read a tree as a chain, repeat the
+    top-k/top-p work over every tree node, ignore min_p and logit bias on draft rows, and (0.32)
+    fails on zero draft rows with top-k (``apply_top_k_only``). The result is laid out as
+    ``[B, metadata.max_spec_len + 1]`` like the rejection sampler's, logprobs included."""
     from dataclasses import replace
-
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
     dev = logits.device
     B = len(metadata.num_draft_tokens)
     S = metadata.max_spec_len + 1
-    trees = set(tree_batch_idx)
-    old_nd = np.asarray(metadata.num_draft_tokens, dtype=np.int64)
-    nd = old_nd.copy()
-    nd[list(trees)] = 0
-    cu_old = metadata.cu_num_sampled_tokens.cpu().numpy().astype(np.int64)
-    start = cu_old - (old_nd + 1)
-    keep = np.concatenate([np.arange(s, s + n + 1) for s, n in zip(start, nd)])
-    logits2 = logits.index_select(0, torch.from_numpy(keep).to(dev))
-    spec = sampling_metadata.spec_token_ids
-    if spec is not None:
-        spec = [[] if i in trees else s for i, s in enumerate(spec)]
-    sm2 = replace(sampling_metadata, spec_token_ids=spec)
-    if not nd.any():
-        if sm2.logprob_token_ids and sm2.max_num_logprobs is not None:
-            sm2 = replace(sm2, logprob_token_ids=None)   # as in vLLM's spec path: top-k only
-        out = sampler(logits=logits2, sampling_metadata=sm2)
-    else:
-        cu_draft_old = np.concatenate([[0], np.cumsum(old_nd)])
-        dkeep = np.concatenate([np.arange(cu_draft_old[i], cu_draft_old[i] + nd[i])
-                                for i in range(B)]).astype(np.int64)
-        num_sampled = nd + 1
-        cu_sampled = np.cumsum(num_sampled)
-        first = cu_sampled - num_sampled
-        target_idx = np.concatenate([f + np.arange(n) for f, n in zip(first, nd)])
-
-        def t(a):
-            return torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev)
-
-        meta2 = SpecDecodeMetadata(
-            draft_token_ids=metadata.draft_token_ids[torch.from_numpy(dkeep).to(dev)],
-            num_draft_tokens=nd.tolist(),
-            cu_num_draft_tokens=t(np.cumsum(nd)),
-            cu_num_sampled_tokens=t(cu_sampled),
-            target_logits_indices=t(target_idx),
-            bonus_logits_indices=t(cu_sampled - 1),
-            logits_indices=metadata.logits_indices[torch.from_numpy(keep).to(dev)])
-        dp2 = None if draft_probs is None else draft_probs[torch.from_numpy(dkeep).to(dev)]
-        out = rejection_forward(meta2, dp2, logits2, sm2)
-    sampled = out.sampled_token_ids
-    S2 = sampled.shape[1]
-    if S2 == S:
-        return out
+    nd = np.asarray(metadata.num_draft_tokens, dtype=np.int64)
+    cu = metadata.cu_num_sampled_tokens.cpu().numpy().astype(np.int64)
+    roots = torch.from_numpy(cu - (nd + 1)).to(dev)
+    sm = sampling_metadata
+    if sm.logprob_token_ids and sm.max_num_logprobs is not None:
+        sm = replace(sm, logprob_token_ids=None)   # as vLLM's spec path: top-k logprobs only
+    out = sampler(logits=logits.index_select(0, roots), sampling_metadata=sm)
+    sampled = out.sampled_token_ids                                            # [B, 1]
     full = torch.full((B, S), -1, dtype=sampled.dtype, device=sampled.device)
-    full[:, :S2] = sampled
+    full[:, :1] = sampled
     lt = out.logprobs_tensors
-    if lt is not None:
-        at = (torch.arange(B)[:, None] * S + torch.arange(S2)[None, :]).reshape(-1).to(
-            lt.logprobs.device)
+    if lt is not None and S > 1:
+        at = torch.arange(B, device=lt.logprobs.device) * S
 
         def spread(x):
             y = x.new_zeros((B * S,) + tuple(x.shape[1:]))
