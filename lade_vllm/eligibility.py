@@ -1,7 +1,7 @@
 """Which requests may be decoded with lookahead trees (the rest decode normally, never wrongly).
 
 Tree verification is exact for any request whose next-token distribution at a tree node depends on
-the node's logits alone: greedy, and temperature sampling with top_k / top_p / min_p (per-node
+the node's logits alone: greedy, and temperature sampling with top_k / top_p (per-node
 samples, ``lade_vllm.sampling``), with or without logprobs / prompt_logprobs. Anything whose
 distribution also depends on the tokens generated so far or on external state (penalties, bad
 words, structured output, min_tokens) or that lade does not process per node (logit bias, allowed

@@ -10,7 +10,6 @@ relative to the ``vllm`` package; ``GMR`` = ``v1/worker/gpu_model_runner.py``.
 | 3 | ``GMR`` ``GPUModelRunner.__init__``                  | wrap    | attach a ``LadeDriver`` to the lade drafter and swap in ``LadeRejectionSampler`` |
 | 4 | ``GMR`` ``GPUModelRunner._prepare_inputs``           | wrap    | tree positions (p + depth) and the per-step tree layout for attention |
 | 5 | ``v1/attention/backends/registry.py`` ``CPU_ATTN``   | register_backend | tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree) |
-| 6 | ``sampling_params.py`` ``SamplingParams._validate_spec_decode`` | wrap | accept min_p and logit_bias under lade: vLLM refuses them with any speculation because its chain rejection sampler ignores them on draft rows; lade samples tree nodes with min_p (lade_vllm.sampling) and decodes logit_bias requests without speculation through vLLM's plain sampler |
 """
 from __future__ import annotations
 
@@ -100,22 +99,6 @@ def _patch_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
 
-def _patch_sampling_params() -> None:
-    """#6."""
-    from vllm.sampling_params import SamplingParams
-
-    original = SamplingParams._validate_spec_decode
-
-    @functools.wraps(original)
-    def _validate_spec_decode(self, speculative_config, *args, **kwargs):
-        if speculative_config is not None and getattr(speculative_config, "model", None) \
-                == PROPOSER_PATH:
-            return None
-        return original(self, speculative_config, *args, **kwargs)
-
-    SamplingParams._validate_spec_decode = _validate_spec_decode
-
-
 def apply() -> None:
     """Install all overrides (idempotent; runs in every vLLM process via register())."""
     global _APPLIED
@@ -123,7 +106,6 @@ def apply() -> None:
         return
     _patch_engine_args()
     _patch_runner()
-    _patch_sampling_params()
     from lade_vllm.attention import register_cpu_tree_backend
     register_cpu_tree_backend()
     _APPLIED = True

@@ -21,9 +21,10 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
    from that request's ``torch.Generator`` (``SamplingMetadata.generators``) so that seeded requests
    are reproducible run to run.
 
-Note that vLLM's own ``RejectionSampler`` does NOT apply min_p to draft rows
-(``apply_sampling_constraints`` only does temperature, top-k, top-p); lade does, like the
-non-speculative sampler.
+min_p is applied per node like the non-speculative sampler, but vLLM 0.32 refuses min_p (and
+logit_bias) requests whenever speculation is configured (``SamplingParams._validate_spec_decode``)
+and then does not build their logits processors (``build_logitsprocs``), so a request's first token
+(the prefill step, vLLM's sampler) could not honour them; lade keeps that refusal.
 
 Logprobs: vLLM's ``RejectionSampler._get_logprobs_tensors`` reads the logits row at position j of a
 request's rows for its j-th output token, which is right for a chain but not for a tree (output
