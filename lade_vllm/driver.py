@@ -10,7 +10,8 @@ One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vll
    scheduled drafts are the tree we proposed, rewrite its RoPE positions to p + depth and publish the
    tree masks for the attention backend (lade_vllm.attention).
 3. The model forward (vLLM's), with tree-masked attention for tree requests; logits at every node.
-4. ``LadeDriver.verify`` (inside ``LadeRejectionSampler.forward``): per-node greedy targets, tree
+4. ``LadeDriver.verify`` (inside ``LadeRejectionSampler.forward``): per-node targets (argmax, or
+   independent samples for sampled requests, lade_vllm.sampling), tree
    verification, window harvest/shift and pool update, emitted tokens written into vLLM's sampler
    output, and the accepted path's KV moved to the canonical slots p+1..p+a.
 """
@@ -30,6 +31,8 @@ from lade_vllm.kv_move import KVMover
 from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.proposer import LookaheadState, StepTree
+from lade_vllm.sampling import (RequestRows, TreeOutput, emitted_logprobs, node_targets,
+                                verify_subtree)
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
@@ -71,25 +74,6 @@ def _ancestor_mask(parent: np.ndarray) -> torch.Tensor:
             break
         mask[np.nonzero(ok)[0], cur[ok]] = True
     return torch.from_numpy(mask)
-
-
-def _verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray) -> list[int]:
-    """Accepted storage indices (path order, root excluded) of a tree whose nodes are in
-    topological order; greedy: a node is accepted when its token equals its parent's target."""
-    n = parent.shape[0]
-    ok = np.zeros(n, dtype=bool)
-    ok[0] = True
-    for i in range(1, n):
-        ok[i] = ok[parent[i]] and tokens[i] == target[parent[i]]
-    depth = np.zeros(n, dtype=np.int64)
-    for i in range(1, n):
-        depth[i] = depth[parent[i]] + 1
-    best = int(np.argmax(np.where(ok, depth, -1)))
-    path = []
-    while best > 0:
-        path.append(best)
-        best = int(parent[best])
-    return path[::-1]
 
 
 class LadeDriver:
@@ -186,7 +170,7 @@ class LadeDriver:
         ok = self.eligible.get(req_id)
         if ok is None:
             req = self.runner.requests.get(req_id)
-            ok = req is not None and is_eligible(req.sampling_params)
+            ok = req is not None and is_eligible(req.sampling_params, self.cfg)
             self.eligible[req_id] = ok
         return ok
 
@@ -351,25 +335,57 @@ class LadeDriver:
         self.plan = plan if plan.batch_idx else None
 
     # ---- 4. verification --------------------------------------------------------------------
-    def verify(self, metadata, target: torch.Tensor, sampled: torch.Tensor) -> None:
-        """``target`` [num_logits] greedy token per logits row; ``sampled`` [B, S] vLLM's output,
-        rewritten in place for tree requests."""
+    def verify(self, metadata, logits: torch.Tensor, sampling_metadata, sampler
+               ) -> TreeOutput | None:
+        """Verify this step's trees from ``logits`` [num_logits, V] (vLLM's logits rows: per
+        request its scheduled nodes in storage order, ``metadata.cu_num_sampled_tokens``); commit the lookahead
+        state and move the accepted path's KV. Returns the emitted tokens (and their logprobs)
+        of the tree requests, which the caller writes over vLLM's output rows.
+
+        Per-node targets come from ``lade_vllm.sampling.node_targets``: argmax for greedy
+        requests, an independent sample of the request's processed distribution for sampled ones
+        at the root and trie nodes (window nodes keep the argmax: they feed the n-gram pool, never
+        acceptance)."""
         t0 = time.perf_counter()
         try:
-            self._verify(metadata, target, sampled)
+            return self._verify(metadata, logits, sampling_metadata, sampler)
         finally:
             self.stats["host_seconds"] += time.perf_counter() - t0
 
-    def _verify(self, metadata, target: torch.Tensor, sampled: torch.Tensor) -> None:
+    def _verify(self, metadata, logits, sampling_metadata, sampler) -> TreeOutput | None:
         plan, prop = self.plan, self.proposal
         self.plan = None
         self.proposal = None
         set_step_layout(None)
         if plan is None:
-            return
+            return None
         cu = metadata.cu_num_sampled_tokens.cpu().numpy()
-        row_start = {i: int(cu[i]) - n for i, n in
-                     zip(plan.batch_idx, (metadata.num_draft_tokens[i] + 1 for i in plan.batch_idx))}
+        reqs: list[RequestRows] = []
+        offset: list[int] = []        # first row of request j in the concatenated node rows
+        o = 0
+        for j, i in enumerate(plan.batch_idx):
+            n = plan.num_nodes[j]
+            reqs.append(RequestRows(i, int(cu[i]) - (metadata.num_draft_tokens[i] + 1), n))
+            offset.append(o)
+            o += n
+        min_p_of = []
+        for k in plan.prop_idx:
+            req = self.runner.requests.get(prop.req_ids[k])
+            min_p_of.append(float(getattr(req.sampling_params, "min_p", 0.0) or 0.0)
+                            if req is not None else 0.0)
+        want_lp = sampling_metadata.max_num_logprobs is not None
+        keep_processed = want_lp and sampler.logprobs_mode in ("processed_logits",
+                                                               "processed_logprobs")
+        # root + trie rows (storage order [root | trie | window]): the rows acceptance reads
+        trie_rows = []
+        for j, k in enumerate(plan.prop_idx):
+            lo = int(prop.tree.seq_start[k])
+            st = prop.tree.is_trie[lo + torch.from_numpy(prop.order[k][:plan.num_nodes[j]])]
+            st[0] = True
+            trie_rows.append(st)
+        nt = node_targets(logits, reqs, sampling_metadata, min_p_of, keep_processed,
+                          need_sample=torch.cat(trie_rows))
+        target, row_sampled = nt.target, nt.sampled
         moves_src, moves_dst = [], []
         emitted: dict[int, list[int]] = {}
         paths: dict[int, list[int]] = {}
@@ -385,10 +401,9 @@ class LadeDriver:
                                           **{k: v[sel] for k, v in prop.tree_args.items()})
             tree_target = torch.empty(tree.total_nodes, dtype=torch.long)
             for b, j in enumerate(full):
-                i, k, n = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j]
-                lo = int(tree.seq_start[b])
-                rows = target[row_start[i]:row_start[i] + n]
-                tree_target[lo + torch.from_numpy(prop.order[k][:n])] = rows
+                k, n, o = plan.prop_idx[j], plan.num_nodes[j], offset[j]
+                at = int(tree.seq_start[b]) + torch.from_numpy(prop.order[k][:n])
+                tree_target[at] = target[o:o + n]
             res = self.state.commit(sub_slots, tree, tree_target)
             num_em = res.num_emitted.tolist()
             em = res.emitted.tolist()
@@ -406,19 +421,29 @@ class LadeDriver:
         for j, f in enumerate(plan.full):
             if f:
                 continue
-            i, k, n = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j]
+            i, k, n, o = plan.batch_idx[j], plan.prop_idx[j], plan.num_nodes[j], offset[j]
             tokens = np.array([int(prop.last_tokens[k])] + prop.drafts[k][:n - 1])
-            tgt = target[row_start[i]:row_start[i] + n].numpy()
-            path = _verify_subtree(prop.parent[k][:n], tokens, tgt)
+            tgt = target[o:o + n].numpy()
+            # sampled: the trie only (see verify_subtree); window targets are argmaxes anyway
+            acceptable = trie_rows[j].numpy() if bool(row_sampled[o]) else None
+            path = verify_subtree(prop.parent[k][:n], tokens, tgt, acceptable)
             paths[j] = path
             emitted[j] = [int(tokens[s]) for s in path] + [int(tgt[path[-1] if path else 0])]
+        out = TreeOutput()
+        lp_rows, lp_prows, lp_tokens = [], [], []
         for j, i in enumerate(plan.batch_idx):
-            toks = emitted[j]
-            sampled[i, :] = -1
-            sampled[i, :len(toks)] = torch.tensor(toks, dtype=sampled.dtype)
+            out.batch_idx.append(i)
+            out.tokens.append(emitted[j])
+            lp_rows += [reqs[j].start] + [reqs[j].start + s for s in paths[j]]
+            lp_prows += [offset[j]] + [offset[j] + s for s in paths[j]]
+            lp_tokens += emitted[j]
             for depth, s in enumerate(paths[j], start=1):
                 if s != depth:
                     moves_src.append(plan.slot_mapping[j][:, s])
                     moves_dst.append(plan.slot_mapping[j][:, depth])
         if moves_src:
             self.kv.move(torch.stack(moves_src, 1), torch.stack(moves_dst, 1))
+        if want_lp:
+            out.logprobs = emitted_logprobs(sampler, logits, nt.processed, lp_rows, lp_prows,
+                                            lp_tokens, sampling_metadata.max_num_logprobs)
+        return out

@@ -1,9 +1,12 @@
 """Which requests may be decoded with lookahead trees (the rest decode normally, never wrongly).
 
-Tree verification here is greedy on raw logits, so a request is eligible only when vLLM's sampler
-would pick the plain argmax and report nothing else per token. Anything else (sampling, penalties,
-logits processors, bad words, structured output, logprobs, min_tokens, logit bias, allowed token
-ids) is decoded without speculation and a warning is logged once per reason.
+Tree verification is exact for any request whose next-token distribution at a tree node depends on
+the node's logits alone: greedy, and temperature sampling with top_k / top_p (per-node
+samples, ``lade_vllm.sampling``), with or without logprobs / prompt_logprobs. Anything whose
+distribution also depends on the tokens generated so far or on external state (penalties, bad
+words, structured output, min_tokens) or that lade does not process per node (logit bias, allowed
+token ids, logprob_token_ids, trace replay) is decoded without speculation in the same batch, and a
+warning is logged once per reason: never wrong output.
 """
 from __future__ import annotations
 
@@ -13,17 +16,25 @@ logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and leve
 _warned: set[str] = set()
 
 
-def ineligible_reason(sp) -> str | None:
-    """Why a request with SamplingParams ``sp`` cannot use lade trees, or None if it can."""
+def ineligible_reason(sp, cfg=None) -> str | None:
+    """Why a request with SamplingParams ``sp`` cannot use lade trees, or None if it can.
+    ``cfg``: the engine's LadeConfig (to read per-request options in any accepted form)."""
     if sp is None:
         return "no sampling params"
     extra = getattr(sp, "extra_args", None) or {}
     if extra.get("lade") is False:
         return "disabled by extra_args={'lade': False}"
-    if getattr(sp, "temperature", 0.0) > 1e-5:
-        return "temperature > 0 (lade sampling not enabled yet)"
-    if sp.logprobs is not None or getattr(sp, "logprob_token_ids", None):
-        return "logprobs requested"
+    if extra.get("lade") not in (None, True) and cfg is not None:
+        from lade_vllm.request_options import LadeRequestError, parse_request_options
+        try:  # JSON text from HTTP vllm_xargs, e.g. "false" (validated at admission)
+            if not parse_request_options(extra, cfg).enabled:
+                return "disabled by extra_args={'lade': False}"
+        except LadeRequestError:
+            return "disabled by invalid extra_args['lade']"
+    if getattr(sp, "logprob_token_ids", None):
+        return "logprob_token_ids"
+    if getattr(sp, "trace_decode_token_ids", None):
+        return "trace_decode_token_ids"
     if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
         return "penalties"
     if getattr(sp, "watermarking", None) or getattr(sp, "thinking_token_budget", None) \
@@ -42,8 +53,8 @@ def ineligible_reason(sp) -> str | None:
     return None
 
 
-def is_eligible(sp) -> bool:
-    reason = ineligible_reason(sp)
+def is_eligible(sp, cfg=None) -> bool:
+    reason = ineligible_reason(sp, cfg)
     if reason is not None and not reason.startswith("disabled") and reason not in _warned:
         _warned.add(reason)
         logger.warning("lade: requests with %s are decoded without speculation", reason)

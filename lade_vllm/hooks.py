@@ -3,17 +3,17 @@
 - ``LadeProposer``: the ``custom_class`` drafter (``speculative_config.model``). vLLM 0.32 builds it
   in ``GPUModelRunner.__init__`` and calls ``propose(...)`` after each step's bookkeeping
   (``GPUModelRunner.propose_draft_token_ids``); it forwards to the runner's ``LadeDriver``.
-- ``LadeRejectionSampler``: replaces ``GPUModelRunner.rejection_sampler``. It runs vLLM's own
-  ``RejectionSampler.forward`` (exact for every non-tree request: plain decodes, ngram-like chains,
-  requests with logprobs or penalties) and then rewrites the rows of tree requests with the result of
-  lookahead tree verification.
+- ``LadeRejectionSampler``: replaces ``GPUModelRunner.rejection_sampler``. Tree requests are verified by
+  the driver (lookahead tree verification, exact for greedy and sampled requests); vLLM's own
+  ``Sampler`` samples every other request (requests lade does not speculate: penalties, bad
+  words, ...) exactly as in a step without speculation.
 """
 from __future__ import annotations
 
-import torch
 from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from lade_vllm.config import LadeConfig
+from lade_vllm.sampling import sample_root_rows
 
 
 class LadeProposer:
@@ -34,15 +34,22 @@ class LadeProposer:
 
 
 class LadeRejectionSampler(RejectionSampler):
+    """Replaces vLLM 0.32's ``RejectionSampler`` (``v1/sample/rejection_sampler.py``).
+
+    ``forward``: (1) the driver verifies the tree requests from the raw logits (per-node targets,
+    lookahead commit, KV move, ``LadeDriver.verify``); (2) vLLM's plain ``Sampler.forward`` samples
+    one token per request from its root row (``sampling.sample_root_rows``), so every request lade
+    does not verify gets exactly vanilla's token and logprobs; (3) the tree requests' rows of
+    ``sampled_token_ids`` and ``logprobs_tensors`` are written from the verification
+    (``TreeOutput.write``)."""
     driver = None
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         driver = self.driver
-        target = None
+        tree_out = None
         if driver is not None and driver.plan is not None:
-            # before vLLM's sampler, which may modify logits in place
-            target = logits.argmax(dim=-1).to(torch.long).cpu()
-        out = super().forward(metadata, draft_probs, logits, sampling_metadata)
-        if target is not None:
-            driver.verify(metadata, target, out.sampled_token_ids)
+            tree_out = driver.verify(metadata, logits, sampling_metadata, self.sampler)
+        out = sample_root_rows(self.sampler, metadata, logits, sampling_metadata)
+        if tree_out is not None:
+            tree_out.write(out)
         return out

