@@ -24,7 +24,7 @@ import pytest
 from conftest import FULL, close_llm, make_llm
 from lade_vllm import measure, prompts
 
-NUM_SAMPLES = 1000 if FULL else 160
+NUM_SAMPLES = 1000 if FULL else 120
 SAMPLE_LEN = 8
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
 
