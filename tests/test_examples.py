@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import greedy_texts
+from conftest import LADE_TREES, greedy_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MAX_TOKENS = 32
+
+
+# the adaptive policy may decode plain on a loaded machine; these tests check trees are used
+TREES = json.dumps(LADE_TREES)
 
 
 def _run(cmd, log: Path, timeout: float = 600, **env) -> str:
@@ -40,7 +44,7 @@ def _code_prompts(n):
 def test_generate_example(model_dir, vanilla_llm, tmp_path):
     prompts = _code_prompts(2)
     out = _run([sys.executable, str(EXAMPLES / "generate.py"), "--json", "--model", model_dir,
-                "--max-tokens", str(MAX_TOKENS), *prompts], tmp_path / "generate.log")
+                "--max-tokens", str(MAX_TOKENS), "--lade", TREES, *prompts], tmp_path / "generate.log")
     result = _last_json(out)
     want = greedy_texts(vanilla_llm, prompts, MAX_TOKENS)
     assert result["token_ids"] == [ids for _, ids in want]
@@ -55,7 +59,7 @@ def test_batch_ray_data_example(model_dir, vanilla_llm, tmp_path):
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out_file = tmp_path / "out.jsonl"
-    out = _run([sys.executable, str(EXAMPLES / "batch_ray_data.py"), str(prompt_file),
+    out = _run([sys.executable, str(EXAMPLES / "batch_ray_data.py"), str(prompt_file), "--lade", TREES,
                 str(out_file), "--model", model_dir, "--max-tokens", str(MAX_TOKENS),
                 "--batch-size", "2"], tmp_path / "batch.log",
                # Ray's memory monitor counts the whole machine (this session's other engines too)

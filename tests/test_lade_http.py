@@ -21,7 +21,7 @@ from serve_util import MODEL_NAME, LadeServer
 
 MAX_MODEL_LEN = 512
 BUDGET = 128  # --max-num-batched-tokens: a 440-token prompt takes 4 chunks; trees are truncated
-SPEC = "lade"  # defaults W7/N5/G7: 56 draft nodes per request, more than the budget allows for 4
+SPEC = '{"method": "lade", "adaptive": false}'  # full W7/N5/G7 trees: 56 draft nodes per request, more than the budget allows for 4
 STAGGER = (3, 7, 12, 20, 33, 50)  # max_tokens of the staggered requests, started 0.4 s apart
 EOS_CANDIDATES = (  # chat-templated conversations whose assistant turn is already complete
     ("Say OK and nothing else.", "OK"),

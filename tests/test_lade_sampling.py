@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import FULL, close_llm, make_llm
+from conftest import FULL, LADE_TREES, close_llm, make_llm
 from lade_vllm import measure, prompts
 
 NUM_SAMPLES = 1000 if FULL else 120
@@ -31,7 +31,7 @@ EOS = 2  # <|im_end|> of SmolLM2-Instruct
 
 @pytest.fixture(scope="module")
 def lade_llm(model_dir):
-    llm = make_llm(model_dir, speculative_config="lade",
+    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES),
                    worker_extension_cls="lade_sampling_ext.SamplingProbe")
     yield llm
     close_llm(llm)

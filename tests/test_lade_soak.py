@@ -39,7 +39,8 @@ BURST_TOKENS = 96
 #: allowed growth of the server tree's RSS over the soak (it is ~3 GiB: model, KV cache, runtime)
 RSS_BOUND = 256 * 2**20
 #: a tree small enough for 2 shared cores in CI; the engine defaults (W7/N5/G7) at full size
-SPEC = "lade" if FULL else '{"method": "lade", "window_size": 4, "ngram_size": 4, "guess_set_size": 4}'
+SPEC = "lade" if FULL else ('{"method": "lade", "window_size": 4, "ngram_size": 4, '
+                             '"guess_set_size": 4, "adaptive": false}')
 PER_REQUEST_OPTIONS = (None, None, None, None, None, None, None, "false",
                        '{"window_size": 2, "ngram_size": 3, "guess_set_size": 1}', "true")
 

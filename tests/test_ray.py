@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import close_llm, make_llm
+from conftest import LADE_TREES, close_llm, make_llm
 
 TESTS = Path(__file__).resolve().parent
 MAX_TOKENS = 48
@@ -54,7 +54,7 @@ def lade_here(model_dir, tokenizer):
     from vllm import SamplingParams
 
     from lade_vllm import measure
-    llm = make_llm(model_dir, speculative_config="lade")
+    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES))
     result = measure.generate(llm, "lade", _prompts(tokenizer),
                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     close_llm(llm)
@@ -66,7 +66,8 @@ class _LadeEngineActor:
 
     def __init__(self, model: str):
         from conftest import make_llm as make
-        self.llm = make(model, speculative_config="lade")
+        # adaptive off: the comparison needs the same trees in both processes
+        self.llm = make(model, speculative_config={"method": "lade", "adaptive": False})
 
     def generate(self, prompts, max_tokens):
         from vllm import SamplingParams
