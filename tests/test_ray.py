@@ -100,7 +100,7 @@ def test_lade_in_ray_actor_exact_and_same_tokens_per_step(ray_local, model_dir, 
     prompts = _prompts(tokenizer)
     actor = ray_local.remote(num_cpus=1)(_LadeEngineActor).remote(model_dir)
     try:
-        got = ray_local.get(actor.generate.remote(prompts, MAX_TOKENS), timeout=600)
+        got = ray_local.get(actor.generate.remote(prompts, MAX_TOKENS), timeout=1200)
         ray_local.get(actor.close.remote(), timeout=120)
     finally:
         ray_local.kill(actor)
