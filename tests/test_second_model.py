@@ -61,6 +61,15 @@ def _run(llm, method, texts):
                                                                max_tokens=MAX_TOKENS))
 
 
+def _run_engine(gemma_dir, method, texts, **kwargs):
+    """Start one Gemma engine, decode ``texts``, and free the engine."""
+    llm = make_llm(gemma_dir, max_model_len=1024, **kwargs)
+    try:
+        return _run(llm, method, texts)
+    finally:
+        close_llm(llm)
+
+
 @pytest.fixture(scope="module")
 def gemma_vanilla(gemma_dir, gemma_prompts):
     llm = make_llm(gemma_dir, max_model_len=1024)
@@ -85,11 +94,7 @@ def test_gemma3_lade_exact_fp32(gemma_dir, gemma_prompts, gemma_vanilla):
 @pytest.mark.slow
 @pytest.mark.skipif(not FULL, reason="LADE_FULL=1: a third Gemma engine (ngram)")
 def test_gemma3_ngram_tokens_per_step(gemma_dir, gemma_prompts, gemma_vanilla):
-    llm = make_llm(gemma_dir, max_model_len=1024, speculative_config=NGRAM_CONFIG)
-    try:
-        ngram = _run(llm, "ngram", gemma_prompts)
-    finally:
-        close_llm(llm)
+    ngram = _run_engine(gemma_dir, "ngram", gemma_prompts, speculative_config=NGRAM_CONFIG)
     assert ngram.token_ids == gemma_vanilla.token_ids
     print(f"\nGemma 3 270M tokens/step: ngram {ngram.tokens_per_step:.2f}")
 
@@ -101,12 +106,8 @@ def test_gemma3_lade_tensor_parallel_2(gemma_dir, gemma_prompts, gemma_vanilla, 
     (SmolLM2-135M cannot: its 9 attention heads are not divisible by 2.)"""
     # vLLM binds one NUMA node per CPU worker by default and this machine has one
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    llm = make_llm(gemma_dir, max_model_len=1024, speculative_config="lade",
-                   tensor_parallel_size=2)
-    try:
-        lade = _run(llm, "lade", gemma_prompts)
-    finally:
-        close_llm(llm)
+    lade = _run_engine(gemma_dir, "lade", gemma_prompts, speculative_config=dict(LADE_TREES),
+                       tensor_parallel_size=2)
     assert lade.token_ids == gemma_vanilla.token_ids
     print(f"\nGemma 3 270M, TP=2: lade tokens/step {lade.tokens_per_step:.2f}")
     assert lade.tokens_per_step > 1.0
