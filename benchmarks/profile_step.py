@@ -82,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
+    ap.add_argument("--full", action="store_true",
+                    help="lade methods build trees every step (adaptive policy off)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -120,8 +122,11 @@ def _profile_one(args) -> dict:
     from lade_vllm.models import model_path
 
     name = args.one
+    spec = METHODS[name]
+    if args.full and spec is not None and "lade" in str(spec):
+        spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,
-              max_model_len=2048, seed=0, speculative_config=METHODS[name],
+              max_model_len=2048, seed=0, speculative_config=spec,
               disable_log_stats=False, enforce_eager=args.eager)
     ps = prompts.load("mtbench", args.prompts, llm.get_tokenizer())
     measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))

@@ -49,7 +49,7 @@ class Proposal:
     parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
     depth: list[np.ndarray]      # per request: storage-order depth
     num_trie: list[int] = field(default_factory=list)  # per request: candidate (trie) nodes
-    level: int = FULL            # adaptive policy level of this step
+    level: int | None = FULL     # adaptive policy level of this step (None: mixed, see pinned)
     tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
 
 
@@ -114,6 +114,7 @@ class LadeDriver:
         self._step_t0: float | None = None
         self._step_tokens = 0
         self.eligible: dict[str, bool] = {}
+        self.pinned: dict[str, bool] = {}   # seeded sampled requests: full tree every step
         self.proposal: Proposal | None = None
         self.plan: StepPlan | None = None
         self.kv = KVMover(runner)
@@ -127,6 +128,7 @@ class LadeDriver:
         freed = [self.slot_of.pop(r) for r in req_ids if r in self.slot_of]
         for r in req_ids:
             self.eligible.pop(r, None)
+            self.pinned.pop(r, None)
         if freed:
             self.state.free(torch.tensor(freed))
             self.free_slots.extend(freed)
@@ -165,6 +167,20 @@ class LadeDriver:
             if opts.ngram_size is not None:
                 self.slot_cand_len[slot] = opts.ngram_size - 1
         return opts.window_size
+
+    def _is_pinned(self, req_id: str) -> bool:
+        """Seeded sampled requests decode with the full tree every step, whatever the adaptive
+        policy picks for the others: how many random draws a step consumes from the request's
+        generator depends on its tree, so a timing-driven tree choice would make the same seed
+        give different text run to run."""
+        pinned = self.pinned.get(req_id)
+        if pinned is None:
+            req = self.runner.requests.get(req_id)
+            sp = getattr(req, "sampling_params", None)
+            pinned = (self.policy.enabled and sp is not None and sp.seed is not None
+                      and sp.temperature > 0)
+            self.pinned[req_id] = pinned
+        return pinned
 
     def _is_eligible(self, req_id: str) -> bool:
         ok = self.eligible.get(req_id)
@@ -218,14 +234,21 @@ class LadeDriver:
             return out
         self.stats["steps"] += 1
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
+        pinned = [self._is_pinned(r) for r in req_ids]
         if level == OFF:
-            return out  # plain decoding this step; the slots catch up when trees resume
+            if not any(pinned):
+                return out  # plain decoding this step; the slots catch up when trees resume
+            keep = [k for k, p in enumerate(pinned) if p]
+            rows, req_ids, slots, lasts, nums = ([x[k] for k in keep]
+                                                 for x in (rows, req_ids, slots, lasts, nums))
+            pinned = [True] * len(keep)
         self._catch_up(rows, slots, nums)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
-        tree_args = self._tree_args(slots_t, level)
+        tree_args = self._tree_args(slots_t, level, torch.tensor(pinned, dtype=torch.bool))
         tree = self.state.propose(slots_t, lasts_t, **tree_args)
         prop = self._storage_order(req_ids, slots_t, lasts_t, tree)
-        prop.level, prop.tree_args = level, tree_args
+        prop.level = FULL if all(pinned) else (level if not any(pinned) else None)
+        prop.tree_args = tree_args
         for row, drafts in zip(rows, prop.drafts):
             out[row] = drafts
         self.proposal = prop
@@ -243,10 +266,10 @@ class LadeDriver:
                 self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
                 self.synced[slot] = num
 
-    def _tree_args(self, slots: torch.Tensor, level: int) -> dict:
+    def _tree_args(self, slots: torch.Tensor, level: int, pinned: torch.Tensor) -> dict:
         args = {}
         if level == LOOKUP:
-            args["use_window"] = torch.zeros(slots.numel(), dtype=torch.bool)
+            args["use_window"] = pinned.clone()  # pinned requests keep their full tree
         if self.capped_slots:
             args["num_cands"] = self.slot_cands[slots]
             args["cand_len"] = self.slot_cand_len[slots]
@@ -409,8 +432,9 @@ class LadeDriver:
             em = res.emitted.tolist()
             acc = res.accepted_nodes.tolist()
             np.add.at(self.synced, sub_slots.numpy(), res.num_emitted.numpy())
-            self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
-                                      float(tree.num_nodes.sum()) / len(num_em) - 1.0)
+            if prop.level is not None:
+                self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
+                                          float(tree.num_nodes.sum()) / len(num_em) - 1.0)
             for b, j in enumerate(full):
                 k = plan.prop_idx[j]
                 lo = int(tree.seq_start[b])

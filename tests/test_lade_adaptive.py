@@ -45,3 +45,26 @@ def test_per_request_caps_are_honoured_and_exact(adaptive_lade, vanilla_llm, tok
     assert got.token_ids == [list(w.outputs[0].token_ids) for w in want]
     # at most one candidate node per tree step, so at most one accepted token per step
     assert got.draft_tokens <= got.drafts and got.accepted <= got.drafts, got
+
+
+def test_seeded_sampling_reproducible_with_adaptive_policy(adaptive_lade, tokenizer):
+    """The policy picks levels from timings, so two runs see different levels step by step; seeded
+    sampled requests are pinned to the full tree and must give the same text every run."""
+    from vllm import SamplingParams
+
+    from lade_vllm import measure
+    ps = prompts.load("humaneval", 4, tokenizer) + prompts.load("mtbench", 4, tokenizer)
+    seeded = [SamplingParams(temperature=0.4, top_p=0.95, max_tokens=40, seed=11 + i)
+              for i in range(len(ps))]
+    greedy = [SamplingParams(temperature=0.0, max_tokens=40) for _ in ps]
+    # the greedy requests beside them follow the policy (exploring every 2 steps)
+    first = adaptive_lade.generate(ps + ps, seeded + greedy, use_tqdm=False)
+    policy = adaptive_lade.collective_rpc("lade_policy")[0]
+    second = adaptive_lade.generate(ps[::-1] + ps, seeded[::-1] + greedy, use_tqdm=False)
+    again = measure.generate(adaptive_lade, "lade-seeded", ps, seeded)
+    want = [list(o.outputs[0].token_ids) for o in first[:len(ps)]]
+    assert [list(o.outputs[0].token_ids) for o in second[:len(ps)]][::-1] == want
+    assert again.token_ids == want
+    # the seeded requests were tree-decoded alone (no greedy requests): drafts were verified
+    assert again.drafts > 0 and again.accepted > 0, again
+    assert sum(policy["history"]) > 0, policy
