@@ -90,7 +90,7 @@ def table(rows: list[dict]) -> str:
     base = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "vanilla"}
     ngram = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "ngram"}
     out = ["| dataset | batch | method | tok/s | tokens/step | vs vanilla | vs ngram | "
-           "step efficiency | proposer host ms/step (% of step) | lade levels off/lookup/full |",
+           "step efficiency | proposer host ms/step (% of step) | lade levels off/chain/lookup/full |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["batch"])):
         key = (r["dataset"], r["batch"])

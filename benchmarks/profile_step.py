@@ -80,8 +80,12 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dataset", default="mtbench", choices=["mtbench", "humaneval"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
+    ap.add_argument("--level", choices=["off", "lookup", "full"],
+                    help="force the adaptive policy's level every step (lade methods)")
+    ap.add_argument("--spec", help="JSON speculative config overriding the method's")
     ap.add_argument("--full", action="store_true",
                     help="lade methods build trees every step (adaptive policy off)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -123,12 +127,18 @@ def _profile_one(args) -> dict:
 
     name = args.one
     spec = METHODS[name]
+    if args.spec:
+        spec = json.loads(args.spec)
+    if args.level:
+        from lade_vllm import policy
+        forced = policy.LEVEL_NAMES.index(args.level)
+        policy.AdaptivePolicy.choose = lambda self, n, b: forced
     if args.full and spec is not None and "lade" in str(spec):
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,
               max_model_len=2048, seed=0, speculative_config=spec,
               disable_log_stats=False, enforce_eager=args.eager)
-    ps = prompts.load("mtbench", args.prompts, llm.get_tokenizer())
+    ps = prompts.load(args.dataset, args.prompts, llm.get_tokenizer())
     measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
     TIMES.clear()
     CALLS.clear()

@@ -28,7 +28,7 @@ from lade_vllm.attention import TreeLayout, set_step_layout
 from lade_vllm.config import LadeConfig
 from lade_vllm.eligibility import is_eligible
 from lade_vllm.kv_move import KVMover
-from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy
+from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.proposer import LookaheadState, StepTree
 from lade_vllm.sampling import (RequestRows, TreeOutput, emitted_logprobs, node_targets,
@@ -103,7 +103,7 @@ class LadeDriver:
         self.capped_slots: set[int] = set()
         self.policy = AdaptivePolicy(
             full_nodes=cfg.max_draft_nodes, lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1),
-            enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
+            chain_nodes=cfg.ngram_size - 1, enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
             explore_margin=float(cfg.adaptive_explore_margin))
         # per request, window nodes scheduled this step (not "drafted" in vLLM's metrics)
         self.window_counts: dict[str, int] = {}
@@ -113,6 +113,7 @@ class LadeDriver:
                       "host_seconds": 0.0}
         self._step_t0: float | None = None
         self._step_tokens = 0
+        self._step_tree = False
         self.eligible: dict[str, bool] = {}
         self.pinned: dict[str, bool] = {}   # seeded sampled requests: full tree every step
         self.proposal: Proposal | None = None
@@ -202,7 +203,8 @@ class LadeDriver:
     def _propose(self, sampled_token_ids, num_tokens_no_spec) -> list[list[int]]:
         batch = self.runner.input_batch
         if self._step_t0 is not None:  # the step that just ended: tokens fed -> seconds
-            self.policy.observe_step(self._step_tokens, time.perf_counter() - self._step_t0)
+            self.policy.observe_step(self._step_tokens, time.perf_counter() - self._step_t0,
+                                     tree=self._step_tree)
             self._step_t0 = None
         live = set(self.runner.requests)
         stale = [r for r in self.slot_of if r not in live]
@@ -268,10 +270,11 @@ class LadeDriver:
 
     def _tree_args(self, slots: torch.Tensor, level: int, pinned: torch.Tensor) -> dict:
         args = {}
-        if level == LOOKUP:
+        if level in (CHAIN, LOOKUP):
             args["use_window"] = pinned.clone()  # pinned requests keep their full tree
-        if self.capped_slots:
-            args["num_cands"] = self.slot_cands[slots]
+        if self.capped_slots or level == CHAIN:
+            cands = self.slot_cands[slots]
+            args["num_cands"] = torch.where(pinned, cands, 1) if level == CHAIN else cands
             args["cand_len"] = self.slot_cand_len[slots]
         return args
 
@@ -312,6 +315,7 @@ class LadeDriver:
     def _before_forward(self, scheduler_output) -> None:
         runner = self.runner
         self._step_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        self._step_tree = False
         if scheduler_output.finished_req_ids:
             self.release(scheduler_output.finished_req_ids)
         self.plan = None
@@ -355,6 +359,7 @@ class LadeDriver:
             plan.full.append(n == len(mine) + 1)
             plan.slot_mapping.append(torch.stack([t[start:start + n] for t in tables]))
         set_step_layout(layout if layout.req_indices else None)
+        self._step_tree = bool(layout.req_indices)
         self.plan = plan if plan.batch_idx else None
 
     # ---- 4. verification --------------------------------------------------------------------

@@ -3,17 +3,19 @@
 Extra tree tokens are free only while a step's cost does not grow with its token count. On a
 loaded server (many sequences in the batch) or a compute-bound CPU they are not, and a large tree
 makes every sequence in the batch slower. So before each step the driver asks this policy for one
-of three levels for the step's lookahead requests:
+of four levels for the step's lookahead requests:
 
 ====== ============================================ =========================================
 level  tree per request                             nodes per request (besides the root)
 ====== ============================================ =========================================
 OFF    root only: plain decoding                    0
+CHAIN  the best pool candidate only (window frozen) up to N-1, a chain
 LOOKUP pool candidates only (window frozen)         up to G*(N-1), trie-merged
 FULL   Jacobi window + pool candidates              up to (W-1) + W*(N-2) + G*(N-1)
 ====== ============================================ =========================================
 
-and picks the level with the highest expected throughput
+A chain needs no tree mask: its attention is vLLM's own causal kernel, as for any draft model, so
+its extra tokens are the cheapest. The policy picks the level with the highest expected throughput
 
     score(level) = R * tokens_per_step(level) / cost(base + R * (1 + nodes(level)))
 
@@ -21,14 +23,19 @@ where R is the number of lookahead requests, ``base`` the other requests' tokens
 
 - ``cost(T)``: seconds of a step that feeds T tokens, learned online from the step times the driver
   measures (an exponential average per token-count bucket, interpolated between measured buckets;
-  more tokens never cost less);
+  more tokens never cost less). Steps with tree attention (LOOKUP, FULL) and steps without it
+  (OFF, CHAIN) have separate cost curves: a tree query attends to the whole prefix outside vLLM's
+  kernel, so the same token count costs more. A bucket's first three samples keep their minimum
+  (a load spike must not condemn a level from one slow step);
 - ``tokens_per_step(level)`` and ``nodes(level)``: exponential averages of what that level
   delivered in past steps (priors below until measured; OFF is exactly 1 token and 0 nodes).
 
-The first two steps with lookahead requests measure OFF and LOOKUP; FULL is tried when the cost
-extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
+The first three steps with lookahead requests measure OFF, CHAIN and LOOKUP; FULL is tried when
+the cost extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
 level whose predicted score is within ``explore_margin`` of the best, so its estimates follow
-changes in load and text without paying for big trees where they cannot win. The choice never affects outputs, only speed.
+changes in load and text without paying for big trees where they cannot win. The margin relaxes
+in proportion once a level has been unused for more than 4 * explore_every steps, so a level judged
+from one slow step gets re-measured after a while (a hopeless one only rarely). The choice never affects outputs, only speed.
 """
 from __future__ import annotations
 
@@ -36,11 +43,14 @@ import bisect
 import math
 from dataclasses import dataclass
 
-OFF, LOOKUP, FULL = 0, 1, 2
-LEVEL_NAMES = ("off", "lookup", "full")
+OFF, CHAIN, LOOKUP, FULL = 0, 1, 2, 3
+LEVELS = (OFF, CHAIN, LOOKUP, FULL)
+LEVEL_NAMES = ("off", "chain", "lookup", "full")
+TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 
 #: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL).
-PRIOR_TOKENS = (1.0, 1.15, 1.4)
+PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
+ROBUST_SAMPLES = 3  # a cost bucket's first samples keep their minimum
 
 
 @dataclass
@@ -73,6 +83,9 @@ class StepCostModel:
         ema = self.buckets.get(b)
         if ema is None:
             self.buckets[b] = _Ema(seconds, 1.0)
+        elif ema.weight < ROBUST_SAMPLES:
+            ema.value = min(ema.value, seconds)
+            ema.weight += 1.0
         else:
             ema.add(seconds, self.alpha)
 
@@ -107,25 +120,36 @@ class StepCostModel:
 
 
 class AdaptivePolicy:
-    """Chooses OFF / LOOKUP / FULL per step; see the module docstring."""
+    """Chooses OFF / CHAIN / LOOKUP / FULL per step; see the module docstring."""
 
-    def __init__(self, full_nodes: int, lookup_nodes: int, enabled: bool = True,
-                 explore_every: int = 16, alpha: float = 0.1, explore_margin: float = 0.6):
+    def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
+                 enabled: bool = True, explore_every: int = 16, alpha: float = 0.1,
+                 explore_margin: float = 0.6):
         self.enabled = enabled
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
         self.alpha = alpha
-        self.cost = StepCostModel(alpha)
-        self.tokens = [_Ema(PRIOR_TOKENS[lv]) for lv in (OFF, LOOKUP, FULL)]
+        self.cost_plain = StepCostModel(alpha)   # OFF and CHAIN steps: vLLM's causal kernel
+        self.cost_tree = StepCostModel(alpha)    # LOOKUP and FULL steps: tree attention
+        self.tokens = [_Ema(PRIOR_TOKENS[lv]) for lv in LEVELS]
         self.tokens[OFF].weight = math.inf  # exactly one token per step
-        self.nodes = [_Ema(0.0, math.inf), _Ema(float(lookup_nodes)), _Ema(float(full_nodes))]
-        self.last_used = [0, 0, 0]
+        chain = lookup_nodes if chain_nodes is None else chain_nodes
+        self.nodes = [_Ema(0.0, math.inf), _Ema(float(chain)), _Ema(float(lookup_nodes)),
+                      _Ema(float(full_nodes))]
+        self.last_used = [0] * len(LEVELS)
         self.steps = 0
-        self.history = [0, 0, 0]  # steps per level (for reports and tests)
+        self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
+
+    def cost(self, level: int, tokens: int) -> float:
+        if level in TREE_LEVELS:
+            # before any tree step was timed, assume the plain curve (so the tree gets measured)
+            model = self.cost_tree if self.cost_tree.known() else self.cost_plain
+            return max(model(tokens), self.cost_plain(tokens))
+        return self.cost_plain(tokens)
 
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
-        return num_reqs * self.tokens[level].value / self.cost(int(round(tokens)))
+        return num_reqs * self.tokens[level].value / self.cost(level, int(round(tokens)))
 
     def choose(self, num_reqs: int, base_tokens: int) -> int:
         """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens."""
@@ -134,26 +158,33 @@ class AdaptivePolicy:
             level = FULL
         elif num_reqs <= 0:
             return OFF
-        elif self.steps <= 2:
-            level = (OFF, LOOKUP)[self.steps - 1]  # measure the cheap levels first
+        elif self.steps <= 3:
+            level = (OFF, CHAIN, LOOKUP)[self.steps - 1]  # measure the cheap levels first
         else:
-            scores = [self.score(lv, num_reqs, base_tokens) for lv in (OFF, LOOKUP, FULL)]
-            level = max(range(3), key=lambda lv: (scores[lv], lv))
+            scores = [self.score(lv, num_reqs, base_tokens) for lv in LEVELS]
+            level = max(LEVELS, key=lambda lv: (scores[lv], lv))
             if self.steps % self.explore_every == 0:
                 # re-measure the level seen least recently among the others that might be
                 # competitive; a level predicted far worse (a big tree on a loaded batch) is not
                 # worth a slow step to confirm
-                others = [lv for lv in range(3)
-                          if lv != level and scores[lv] >= self.explore_margin * scores[level]]
+                # (the margin relaxes as a level stays unused: a level judged from a slow
+                # step gets another chance after a while, a hopeless one only rarely)
+                others = [lv for lv in LEVELS if lv != level and scores[lv] >= self._margin(
+                    lv) * scores[level]]
                 if others:
                     level = min(others, key=lambda lv: self.last_used[lv])
         self.last_used[level] = self.steps
         self.history[level] += 1
         return level
 
-    def observe_step(self, tokens: int, seconds: float) -> None:
-        """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal)."""
-        self.cost.observe(tokens, seconds)
+    def _margin(self, level: int) -> float:
+        age = self.steps - self.last_used[level]
+        return self.explore_margin * min(1.0, 4.0 * self.explore_every / max(age, 1))
+
+    def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
+        """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal);
+        ``tree``: some of its requests used tree attention."""
+        (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds)
 
     def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""

@@ -5,23 +5,28 @@ import random
 
 import pytest
 
-from lade_vllm.policy import FULL, LOOKUP, OFF, AdaptivePolicy, StepCostModel
+from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, TREE_LEVELS, AdaptivePolicy, StepCostModel
 
-FULL_NODES, LOOKUP_NODES = 55, 12
-TOKENS = {OFF: 1.0, LOOKUP: 1.3, FULL: 1.7}   # what each level "delivers" in the simulation
-NODES = {OFF: 0, LOOKUP: 8, FULL: 45}
+FULL_NODES, LOOKUP_NODES, CHAIN_NODES = 55, 12, 4
+TOKENS = {OFF: 1.0, CHAIN: 1.15, LOOKUP: 1.3, FULL: 1.7}   # what each level "delivers" here
+NODES = {OFF: 0, CHAIN: 3, LOOKUP: 8, FULL: 45}
+TREE_PENALTY = 1.3  # tree attention makes a token dearer than a plain/chain token (CPU-like)
+
+
+def step_cost(cost, level, fed):
+    return cost(fed) * (TREE_PENALTY if level in TREE_LEVELS else 1.0)
 
 
 def simulate(cost, num_reqs, steps=400, seed=0):
     """Drive the policy with a synthetic step cost; returns (levels used, simulated tokens/s)."""
     rng = random.Random(seed)
-    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, explore_every=16)
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, explore_every=16)
     tokens_out, seconds = 0.0, 0.0
     for _ in range(steps):
         level = pol.choose(num_reqs, 0)
         fed = num_reqs * (1 + NODES[level])
-        dt = cost(fed) * rng.uniform(0.9, 1.1)          # noisy machine
-        pol.observe_step(fed, dt)
+        dt = step_cost(cost, level, fed) * rng.uniform(0.9, 1.1)          # noisy machine
+        pol.observe_step(fed, dt, tree=level in TREE_LEVELS)
         if level != OFF:
             pol.observe_level(level, TOKENS[level], NODES[level])
         tokens_out += num_reqs * TOKENS[level]
@@ -37,7 +42,8 @@ def simulate(cost, num_reqs, steps=400, seed=0):
 ])
 def test_policy_tracks_best_level(name, cost, num_reqs):
     history, rate = simulate(cost, num_reqs)
-    rates = sorted((num_reqs * TOKENS[lv] / cost(num_reqs * (1 + NODES[lv])), lv) for lv in TOKENS)
+    rates = sorted((num_reqs * TOKENS[lv] / step_cost(cost, lv, num_reqs * (1 + NODES[lv])), lv)
+                   for lv in TOKENS)
     (second_rate, _), (best_rate, best_level) = rates[-2], rates[-1]
     if best_rate > 1.15 * second_rate:  # a clear winner is found and kept
         assert history[best_level] > 0.8 * sum(history), (name, num_reqs, history)
@@ -56,7 +62,7 @@ def test_disabled_policy_always_full():
     pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, enabled=False)
     for _ in range(50):
         assert pol.choose(8, 0) == FULL
-        pol.observe_step(8 * 56, 1.0)
+        pol.observe_step(8 * 56, 1.0, tree=True)
 
 
 def test_cost_model_is_monotone_and_interpolates():
@@ -68,3 +74,30 @@ def test_cost_model_is_monotone_and_interpolates():
     assert all(b >= a for a, b in zip(ys, ys[1:]))
     assert 0.021 <= cm(30) <= 0.05
     assert cm(2048) > cm(512)  # beyond the measured range: grows with tokens
+
+
+def test_one_slow_step_does_not_condemn_a_level():
+    """A load spike while the cheap levels are first measured must not keep the policy off a level
+    that wins: an unused level's exploration margin relaxes until it is measured again."""
+    cost = lambda t: 0.020 + 0.00002 * t      # nearly free extra tokens
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, explore_every=16)
+    for step in range(600):
+        if step == 400:
+            before = list(pol.history)
+        level = pol.choose(1, 0)
+        fed = 1 + NODES[level]
+        dt = step_cost(cost, level, fed) * (10.0 if step < 3 else 1.0)  # spikes while warming up
+        pol.observe_step(fed, dt, tree=level in TREE_LEVELS)
+        if level != OFF:
+            pol.observe_level(level, TOKENS[level], NODES[level])
+    last = [a - b for a, b in zip(pol.history, before)]
+    assert last[OFF] < 0.2 * sum(last), (last, pol.history)
+
+
+def test_chain_steps_and_tree_steps_have_separate_costs():
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+    for _ in range(5):
+        pol.observe_step(5, 0.020)
+        pol.observe_step(5, 0.030, tree=True)
+    assert pol.cost(CHAIN, 5) == pytest.approx(0.020)
+    assert pol.cost(LOOKUP, 5) == pytest.approx(0.030)

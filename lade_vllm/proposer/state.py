@@ -114,8 +114,12 @@ class LookaheadState:
         # sequences without a window this step (disabled) keep their window frozen
         wslots = torch.where(tree.window_levels > 0, slots, -1)
         active = wslots >= 0
-        if bool(active.all()):
+        n_active = int(active.sum())
+        if n_active == slots.numel():
             grams = self.windows.update(slots, last, top)
+        elif n_active == 0:  # no window this step (candidates only): no window n-grams
+            grams = torch.empty((0, W, N), dtype=torch.long, device=self.device)
+            wslots = wslots[:0]
         else:
             grams = torch.full((slots.numel(), W, N), _EMPTY, dtype=torch.long, device=self.device)
             grams[active] = self.windows.update(slots[active], last[active], top[active])
