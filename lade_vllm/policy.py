@@ -30,8 +30,8 @@ where R is the number of lookahead requests, ``base`` the other requests' tokens
 - ``tokens_per_step(level)`` and ``nodes(level)``: exponential averages of what that level
   delivered in past steps (priors below until measured; OFF is exactly 1 token and 0 nodes).
 
-The first three steps with lookahead requests measure OFF, CHAIN and LOOKUP; FULL is tried when
-the cost extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
+The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three measurements each);
+FULL is tried when the cost extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
 level whose predicted score is within ``explore_margin`` of the best, so its estimates follow
 changes in load and text without paying for big trees where they cannot win. The margin relaxes
 in proportion once a level has been unused for more than 4 * explore_every steps, so a level judged
@@ -51,6 +51,7 @@ TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 #: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL).
 PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
 ROBUST_SAMPLES = 3  # a cost bucket's first samples keep their minimum
+WARMUP_ROUNDS = 3   # the first steps cycle OFF, CHAIN, LOOKUP this many times
 
 
 @dataclass
@@ -124,8 +125,9 @@ class AdaptivePolicy:
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
                  enabled: bool = True, explore_every: int = 16, alpha: float = 0.1,
-                 explore_margin: float = 0.6):
+                 explore_margin: float = 0.6, tokens_alpha: float = 0.25):
         self.enabled = enabled
+        self.tokens_alpha = tokens_alpha  # what a level delivers follows the text quickly
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
         self.alpha = alpha
@@ -158,8 +160,10 @@ class AdaptivePolicy:
             level = FULL
         elif num_reqs <= 0:
             return OFF
-        elif self.steps <= 3:
-            level = (OFF, CHAIN, LOOKUP)[self.steps - 1]  # measure the cheap levels first
+        elif self.steps <= WARMUP_ROUNDS * 3:
+            # measure the cheap levels first, a few times each: a step whose token count is new
+            # to the engine can be slow once (kernel set-up), and a bucket keeps its minimum
+            level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
         else:
             scores = [self.score(lv, num_reqs, base_tokens) for lv in LEVELS]
             level = max(LEVELS, key=lambda lv: (scores[lv], lv))
@@ -190,5 +194,5 @@ class AdaptivePolicy:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""
         if level == OFF:
             return
-        self.tokens[level].add(tokens_per_req, self.alpha)
-        self.nodes[level].add(nodes_per_req, self.alpha)
+        self.tokens[level].add(tokens_per_req, self.tokens_alpha)
+        self.nodes[level].add(nodes_per_req, self.tokens_alpha)

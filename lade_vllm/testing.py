@@ -59,5 +59,8 @@ class ForwardCounter:
         if driver is None:
             return {}
         pol = driver.policy
-        return {"stats": dict(driver.stats), "history": list(pol.history), "tokens": [e.value for e in pol.tokens],
-                "nodes": [e.value for e in pol.nodes]}
+        costs = {name: {round(m.RATIO ** b): round(e.value * 1000, 2) for b, e in sorted(m.buckets.items())}
+                 for name, m in (("plain_ms", pol.cost_plain), ("tree_ms", pol.cost_tree))}
+        return {"stats": dict(driver.stats), "history": list(pol.history),
+                "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
+                **costs}

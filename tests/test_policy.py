@@ -17,7 +17,7 @@ def step_cost(cost, level, fed):
     return cost(fed) * (TREE_PENALTY if level in TREE_LEVELS else 1.0)
 
 
-def simulate(cost, num_reqs, steps=400, seed=0):
+def simulate(cost, num_reqs, steps=800, seed=0):
     """Drive the policy with a synthetic step cost; returns (levels used, simulated tokens/s)."""
     rng = random.Random(seed)
     pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, explore_every=16)
