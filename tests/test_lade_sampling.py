@@ -283,7 +283,9 @@ def test_only_lade_admits_min_p_and_logit_bias(model_dir):
 def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
     """Biases that forbid the unbiased answer's most frequent tokens, or favour a token, change
     the greedy output; lade's is vanilla's token for token (and logprobs), in a batch that also
-    holds unbiased requests, and the biased requests were decoded with accepted tree runs."""
+    holds unbiased requests, and the biased requests were decoded with accepted tree runs.
+    Requests lade does not speculate (here: + a repetition penalty) get min_p and logit_bias from
+    vLLM's Sampler on their root row: equal to vanilla too, seeded sampling included."""
     from vllm import SamplingParams
     ps = prompts.load("humaneval", 2) + prompts.load("mtbench", 2, tokenizer)
     plain = [list(o.outputs[0].token_ids) for o in vanilla_llm.generate(
@@ -298,13 +300,24 @@ def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
             biases.append(bias)
         cases.append((p, SamplingParams(temperature=0.0, max_tokens=40)))   # unbiased, same batch
         biases.append(None)
+    n_tree = len(cases)
+    for i, (p, out) in enumerate(zip(ps[:2], plain)):   # not speculated: vLLM's Sampler rows
+        ban = {t: -100.0 for t, _ in Counter(out).most_common(2)}
+        cases.append((p, SamplingParams(temperature=0.0, max_tokens=40, logit_bias=ban,
+                                        repetition_penalty=1.1)))
+        cases.append((p, SamplingParams(temperature=1.0, min_p=0.2, seed=60 + i, max_tokens=40,
+                                        logit_bias=ban, repetition_penalty=1.1)))
     ps_, params = zip(*cases)
     lade_llm.collective_rpc("lade_probe_start")
     got = lade_llm.generate(list(ps_), list(params), use_tqdm=False)
     tagged = lade_llm.collective_rpc("lade_probe")[0]["tagged"]
     want = vanilla_llm.generate(list(ps_), list(params), use_tqdm=False)
+    for k in range(n_tree, len(cases)):
+        gt, wt = list(got[k].outputs[0].token_ids), list(want[k].outputs[0].token_ids)
+        assert gt == wt, (k, params[k], gt, wt)
+        assert not [t for t in gt if params[k].logit_bias.get(t, 0) < 0], (k, gt)
     changed = 0
-    for k, (g, w, bias) in enumerate(zip(got, want, biases)):
+    for k, (g, w, bias) in enumerate(zip(got[:n_tree], want, biases)):
         gt, wt = list(g.outputs[0].token_ids), list(w.outputs[0].token_ids)
         assert gt == wt, (k, bias, gt, wt)
         if bias is None:
