@@ -1,11 +1,11 @@
 """Which requests may be decoded with lookahead trees (the rest decode normally, never wrongly).
 
 Tree verification is exact for any request whose next-token distribution at a tree node depends on
-the node's logits alone: greedy, and temperature sampling with top_k / top_p (per-node
-samples, ``lade_vllm.sampling``), with or without logprobs / prompt_logprobs. Anything whose
-distribution also depends on the tokens generated so far or on external state (penalties, bad
-words, structured output, min_tokens) or that lade does not process per node (logit bias, allowed
-token ids, logprob_token_ids, trace replay) is decoded without speculation in the same batch, and a
+the node's logits alone: greedy, and temperature sampling with top_k / top_p / min_p and logit bias
+(processed per node, ``lade_vllm.sampling``), with or without logprobs / prompt_logprobs. Anything
+whose distribution also depends on the tokens generated so far or on external state (penalties,
+bad words, structured output, min_tokens) or that lade does not process per node (allowed token
+ids, logprob_token_ids, trace replay) is decoded without speculation in the same batch, and a
 warning is logged once per reason: never wrong output.
 """
 from __future__ import annotations
@@ -46,8 +46,6 @@ def ineligible_reason(sp, cfg=None) -> str | None:
         return "structured output"
     if sp.min_tokens:
         return "min_tokens"
-    if sp.logit_bias:
-        return "logit_bias"
     if getattr(sp, "allowed_token_ids", None):
         return "allowed_token_ids"
     return None

@@ -14,6 +14,7 @@ relative to the ``vllm`` package; ``GMR`` = ``v1/worker/gpu_model_runner.py``.
 | 7 | ``v1/core/sched/scheduler.py`` ``Scheduler.update_from_output`` | wrap | add those counts to ``scheduler_output.num_invalid_spec_tokens``, which vLLM subtracts from the *drafted* metrics only (``make_spec_decoding_stats``), never from KV bookkeeping: window tokens are not counted as drafted |
 | 8 | ``v1/engine/input_processor.py`` ``InputProcessor._validate_params`` | wrap | front-end admission: reject invalid per-request lade options (``extra_args["lade"]``, lade_vllm.request_options) with a ValueError naming the field, so a bad request fails alone (offline ``LLM.generate``; HTTP 400) |
 | 9 | ``v1/engine/async_llm.py`` ``AsyncLLM.generate``     | wrap    | the same check before the result generator exists, so a streamed HTTP request with bad lade options gets 400 instead of an error inside a 200 event stream |
+| 10 | ``v1/sample/logits_processor/__init__.py`` ``build_logitsprocs`` (l. 191-224, as imported by ``GMR``) and ``sampling_params.py`` ``SamplingParams._validate_spec_decode`` (l. 1182-1194) | wrap | under ANY speculative config vLLM builds only ``MinTokensLogitsProcessor`` (l. 208-216) and refuses ``min_p`` / ``logit_bias`` requests; for lade only, build the builtin processors (MinTokens, LogitBias, MinP) as without speculation and admit those requests: the root row goes through vLLM's ``Sampler`` and tree rows apply them per node (lade_vllm.sampling). Other methods keep vLLM's behaviour |
 """
 from __future__ import annotations
 
@@ -183,6 +184,44 @@ def _patch_admission() -> None:
     AsyncLLM.generate = generate
 
 
+def _is_lade_spec_config(spec) -> bool:
+    """Whether a (built) SpeculativeConfig is lade's (#1 turned it into our custom_class)."""
+    return spec is not None and getattr(spec, "method", None) == "custom_class" \
+        and getattr(spec, "model", None) == PROPOSER_PATH
+
+
+def _patch_logitsprocs() -> None:
+    """#10: min_p and logit_bias under lade."""
+    import vllm.v1.worker.gpu_model_runner as gmr
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
+
+    original_build = gmr.build_logitsprocs
+
+    @functools.wraps(original_build)
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model,
+                          custom_logitsprocs=(), *args, **kwargs):
+        if is_pooling_model or custom_logitsprocs or engine_lade_config(vllm_config) is None:
+            # vLLM's own answer (custom processors under speculation: its ValueError)
+            return original_build(vllm_config, device, is_pin_memory, is_pooling_model,
+                                  custom_logitsprocs, *args, **kwargs)
+        # the no-speculation branch of build_logitsprocs (no custom processors here)
+        return LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                for ctor in BUILTIN_LOGITS_PROCESSORS)
+
+    gmr.build_logitsprocs = build_logitsprocs
+
+    original_validate = SamplingParams._validate_spec_decode
+
+    @functools.wraps(original_validate)
+    def _validate_spec_decode(self, speculative_config, *args, **kwargs):
+        if _is_lade_spec_config(speculative_config):
+            return None
+        return original_validate(self, speculative_config, *args, **kwargs)
+
+    SamplingParams._validate_spec_decode = _validate_spec_decode
+
+
 def apply() -> None:
     """Install all overrides (idempotent; runs in every vLLM process via register())."""
     global _APPLIED
@@ -192,6 +231,7 @@ def apply() -> None:
     _patch_runner()
     _patch_scheduler()
     _patch_admission()
+    _patch_logitsprocs()
     from lade_vllm.attention import register_cpu_tree_backend
     register_cpu_tree_backend()
     _APPLIED = True

@@ -9,8 +9,10 @@ tokens with exactly the target distribution (proof in the verify module docstrin
 The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible request
 (``vllm/v1/sample/sampler.py``: ``Sampler.forward`` -> ``Sampler.sample``):
 
-1. logits in float32 (no penalties / bad words / logit bias / allowed ids: those requests are not
-   eligible, see ``lade_vllm.eligibility``);
+1. logits in float32, plus the request's logit bias (``LogitBiasLogitsProcessor.apply``, on every
+   node row, before the argmax too: greedy targets are the biased argmax); no penalties / bad
+   words / allowed ids / min_tokens: those requests are not eligible, see
+   ``lade_vllm.eligibility``;
 2. temperature: ``Sampler.apply_temperature`` (greedy rows divided by 1);
 3. min_p: the formula of ``MinPLogitsProcessor.apply`` (``v1/sample/logits_processor/builtin.py``),
    applied per node row with the request's min_p;
@@ -21,10 +23,12 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
    from that request's ``torch.Generator`` (``SamplingMetadata.generators``) so that seeded requests
    are reproducible run to run.
 
-min_p is applied per node like the non-speculative sampler, but vLLM 0.32 refuses min_p (and
-logit_bias) requests whenever speculation is configured (``SamplingParams._validate_spec_decode``)
-and then does not build their logits processors (``build_logitsprocs``), so a request's first token
-(the prefill step, vLLM's sampler) could not honour them; lade keeps that refusal.
+vLLM 0.32 refuses min_p and logit_bias requests whenever speculation is configured
+(``SamplingParams._validate_spec_decode``) and then builds only the MinTokens processor
+(``build_logitsprocs``); under lade, ``lade_vllm.overrides`` #10 admits them and builds vLLM's
+builtin processors, so every row vLLM's own ``Sampler`` samples (a request's first token, steps
+without a tree, requests lade does not speculate) honours them as without speculation, and the
+tree rows get the same two operations per node here.
 
 Logprobs: vLLM's ``RejectionSampler._get_logprobs_tensors`` reads the logits row at position j of a
 request's rows for its j-th output token, which is right for a chain but not for a tree (output
@@ -54,6 +58,36 @@ def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
     idx = torch.tensor([r.batch_idx for r in reqs], dtype=torch.long)
     counts = torch.tensor([r.num for r in reqs], dtype=torch.long)
     return per_req.cpu()[idx].repeat_interleave(counts)
+
+
+def _logit_bias_of(sampling_metadata) -> dict:
+    """{batch index: {token id: bias}} as vLLM's ``LogitBiasLogitsProcessor`` holds it this step
+    (built under lade by lade_vllm.overrides #10), or {} when there is none."""
+    from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
+    procs = getattr(sampling_metadata, "logitsprocs", None)
+    for proc in (procs.non_argmax_invariant if procs is not None else ()):
+        if isinstance(proc, LogitBiasLogitsProcessor):
+            return proc.biases
+    return {}
+
+
+def apply_logit_bias(x: torch.Tensor, reqs: list[RequestRows], biases: dict) -> torch.Tensor:
+    """``LogitBiasLogitsProcessor.apply`` on every node row of ``reqs`` (rows concatenated in
+    order): the request's float32 biases added to the float32 logits, in place."""
+    rows, toks, vals = [], [], []
+    lo = 0
+    for r in reqs:
+        b = biases.get(r.batch_idx)
+        if b:
+            for row in range(lo, lo + r.num):
+                rows.extend([row] * len(b))
+                toks.extend(b.keys())
+                vals.extend(b.values())
+        lo += r.num
+    if rows:
+        at = (torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device))
+        x[at] += torch.tensor(vals, dtype=torch.float32, device=x.device)
+    return x
 
 
 def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -122,6 +156,9 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     which saves the top-k/top-p work there."""
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
+    biases = _logit_bias_of(sampling_metadata)
+    if biases:   # before anything else, as in Sampler.apply_logits_processors (argmax too)
+        x = apply_logit_bias(x, reqs, biases)
     argmax = x.argmax(dim=-1)
     M = x.shape[0]
     if sampling_metadata.all_greedy:

@@ -1,5 +1,6 @@
 """Worker extension for tests/test_lade_sampling.py (``worker_extension_cls``): records lade's
-warnings and the tokens each tree verification emitted, inside the engine's worker process."""
+warnings and the tokens each tree verification emitted (with which sampling settings its request
+had), inside the engine's worker process."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ class SamplingProbe:
         """Forget which ineligibility warnings were logged, then record warnings and emitted runs."""
         import lade_vllm.eligibility as eligibility
         eligibility._warned.clear()
-        probe = {"warnings": [], "runs": []}
+        probe = {"warnings": [], "runs": [], "tagged": []}
         self._lade_probe = probe
 
         class Recorder(logging.Handler):
@@ -31,6 +32,13 @@ class SamplingProbe:
                 out = original(*args, **kwargs)
                 if out is not None:
                     self._lade_probe["runs"].extend(out.tokens)
+                    batch, reqs = self.model_runner.input_batch, self.model_runner.requests
+                    for i, run in zip(out.batch_idx, out.tokens):
+                        req = reqs.get(batch.req_ids[i])
+                        sp = getattr(req, "sampling_params", None)
+                        self._lade_probe["tagged"].append(
+                            (bool(getattr(sp, "logit_bias", None)),
+                             float(getattr(sp, "min_p", 0.0) or 0.0), list(run)))
                 return out
 
             driver.verify = verify
@@ -38,5 +46,8 @@ class SamplingProbe:
         return True
 
     def lade_probe(self) -> dict:
+        """warnings; runs: tokens emitted by each tree verification; tagged: the same runs as
+        (request has logit_bias, request's min_p, run)."""
         return {"warnings": list(self._lade_probe["warnings"]),
-                "runs": [list(r) for r in self._lade_probe["runs"]]}
+                "runs": [list(r) for r in self._lade_probe["runs"]],
+                "tagged": list(self._lade_probe["tagged"])}

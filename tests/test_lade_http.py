@@ -216,3 +216,32 @@ def test_bad_input_fails_alone(http_server, cases):
         assert _complete(http_server.client(), p, m, s, lade=lade) == w, lade
     log = http_server.log_text()
     assert "Traceback" not in log and "EngineDeadError" not in log
+
+
+def test_min_p_and_logit_bias_accepted(http_server, cases, vanilla_llm):
+    """min_p and logit_bias requests, which vLLM 0.32 refuses under other speculative methods,
+    are served under lade (overrides #10): greedy + logit_bias equals vanilla, min_p sampling
+    (completions and streamed chat) answers."""
+    from vllm import SamplingParams
+    table, _ = cases
+    prompt, max_tokens, stop, (_, plain, _) = table["stagger_2"]
+    bias = {plain[0]: -100.0, plain[len(plain) // 2]: -100.0}
+    ref = _vanilla(vanilla_llm, [prompt], [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                          logit_bias=bias)])[0]
+    assert ref[1] != plain and plain[0] not in ref[1]
+    client = http_server.client()
+    choice = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"return_token_ids": True}).choices[0]
+    assert (choice.text, tuple(choice.token_ids), choice.finish_reason) == ref
+    choice = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
+                                       temperature=1.0, seed=3,
+                                       extra_body={"min_p": 0.2}).choices[0]
+    assert choice.text and choice.finish_reason in ("length", "stop")
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Name three colours."}],
+        max_tokens=12, temperature=0.8, seed=4, stream=True,
+        logit_bias={"28": 1.0}, extra_body={"min_p": 0.1}) if c.choices)
+    assert text
+    assert http_server.healthy()

@@ -8,10 +8,12 @@
   token equals vanilla's for the same prefix.
 - Stop strings, stop_token_ids, EOS inside an accepted run, ignore_eos, max_tokens, n > 1 and
   min_tokens give vanilla's exact greedy output.
+- min_p and logit_bias (which vLLM 0.32 refuses under any other speculative method) work under
+  lade with trees: greedy + logit_bias equals vanilla token for token; every token sampled with
+  min_p passes the min_p threshold at its own tree node; min_p sampling matches vanilla's
+  distribution (above) and is reproducible when seeded.
 - Requests lade does not speculate (penalties, bad_words, allowed_token_ids, min_tokens,
-  structured output) are identical to vanilla and each reason is warned about once. (min_p and
-  logit_bias are refused by vLLM 0.32 itself whenever speculation is configured: it does not even
-  build their logits processors then, so the first token could not honour them.)
+  structured output) are identical to vanilla and each reason is warned about once.
 
 Every request is seeded, so the whole module is deterministic.
 """
@@ -60,6 +62,7 @@ def _settings(tokenizer):
         ("fox / T=0.7 top_k=40 top_p=0.95",
          chat(tokenizer, "Repeat five times: the quick brown fox jumps over the lazy dog."),
          dict(temperature=0.7, top_k=40, top_p=0.95)),
+        ("code / T=1.3 min_p=0.1", code, dict(temperature=1.3, min_p=0.1)),
     ], SamplingParams
 
 
@@ -116,6 +119,9 @@ def test_seeded_requests_reproducible(lade_llm, tokenizer):
     ps = prompts.load("mtbench", 4, tokenizer) + prompts.load("humaneval", 2)
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=40, seed=100 + i)
               for i in range(len(ps))]
+    params[1] = SamplingParams(temperature=1.2, min_p=0.1, max_tokens=40, seed=101)
+    params[4] = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=40, seed=104,
+                               logit_bias={28: 2.0, 198: -1.5})
     params.append(SamplingParams(temperature=1.0, top_k=50, n=3, max_tokens=40, seed=7))
     ps = ps + [ps[0]]
     first = _outs(lade_llm.generate(ps, params, use_tqdm=False))
@@ -242,3 +248,127 @@ def test_ineligible_features_identical_and_warned_once(lade_llm, vanilla_llm, to
     for reason in kinds:
         hits = [m for m in warnings if f"requests with {reason} are decoded" in m]
         assert len(hits) == 1, (reason, warnings)
+
+
+# ---- min_p and logit_bias (overrides #10) ---------------------------------------------------
+def test_only_lade_admits_min_p_and_logit_bias(model_dir):
+    """The runner's logits processors and request validation, from real engine configs (no
+    engine): lade gets vLLM's builtin processors and admits min_p / logit_bias; another
+    speculative method (ngram) keeps vLLM 0.32's MinTokens-only set and its refusal."""
+    import torch
+    import vllm.v1.worker.gpu_model_runner as gmr
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.exceptions import VLLMValidationError
+
+    import lade_vllm
+    from conftest import NGRAM_CONFIG
+    lade_vllm.register()
+    for spec, procs_want, admitted in (
+            (dict(LADE_TREES), {"MinPLogitsProcessor", "LogitBiasLogitsProcessor",
+                                "MinTokensLogitsProcessor"}, True),
+            (dict(NGRAM_CONFIG), {"MinTokensLogitsProcessor"}, False)):
+        cfg = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True,
+                         max_model_len=2048, speculative_config=spec).create_engine_config()
+        procs = gmr.build_logitsprocs(cfg, torch.device("cpu"), False, False)
+        assert {type(p).__name__ for p in procs.all} == procs_want, spec
+        for sp in (SamplingParams(min_p=0.1), SamplingParams(logit_bias={28: 1.0})):
+            if admitted:
+                sp._validate_spec_decode(cfg.speculative_config)
+            else:
+                with pytest.raises(VLLMValidationError, match="min_p and logit_bias"):
+                    sp._validate_spec_decode(cfg.speculative_config)
+
+
+def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
+    """Biases that forbid the unbiased answer's most frequent tokens, or favour a token, change
+    the greedy output; lade's is vanilla's token for token (and logprobs), in a batch that also
+    holds unbiased requests, and the biased requests were decoded with accepted tree runs.
+    Requests lade does not speculate (here: + a repetition penalty) get min_p and logit_bias from
+    vLLM's Sampler on their root row: equal to vanilla too, seeded sampling included."""
+    from vllm import SamplingParams
+    ps = prompts.load("humaneval", 2) + prompts.load("mtbench", 2, tokenizer)
+    plain = [list(o.outputs[0].token_ids) for o in vanilla_llm.generate(
+        ps, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)]
+    cases, biases = [], []
+    for p, out in zip(ps, plain):
+        banned = [t for t, _ in Counter(out).most_common(3)]
+        favoured = out[len(out) // 2]
+        for bias in ({t: -100.0 for t in banned}, {favoured: 4.0}):
+            cases.append((p, SamplingParams(temperature=0.0, max_tokens=40, logit_bias=bias,
+                                            logprobs=2 if len(cases) % 3 == 0 else None)))
+            biases.append(bias)
+        cases.append((p, SamplingParams(temperature=0.0, max_tokens=40)))   # unbiased, same batch
+        biases.append(None)
+    n_tree = len(cases)
+    for i, (p, out) in enumerate(zip(ps[:2], plain)):   # not speculated: vLLM's Sampler rows
+        ban = {t: -100.0 for t, _ in Counter(out).most_common(2)}
+        cases.append((p, SamplingParams(temperature=0.0, max_tokens=40, logit_bias=ban,
+                                        repetition_penalty=1.1)))
+        cases.append((p, SamplingParams(temperature=1.0, min_p=0.2, seed=60 + i, max_tokens=40,
+                                        logit_bias=ban, repetition_penalty=1.1)))
+    ps_, params = zip(*cases)
+    lade_llm.collective_rpc("lade_probe_start")
+    got = lade_llm.generate(list(ps_), list(params), use_tqdm=False)
+    tagged = lade_llm.collective_rpc("lade_probe")[0]["tagged"]
+    want = vanilla_llm.generate(list(ps_), list(params), use_tqdm=False)
+    for k in range(n_tree, len(cases)):
+        gt, wt = list(got[k].outputs[0].token_ids), list(want[k].outputs[0].token_ids)
+        assert gt == wt, (k, params[k], gt, wt)
+        assert not [t for t in gt if params[k].logit_bias.get(t, 0) < 0], (k, gt)
+    changed = 0
+    for k, (g, w, bias) in enumerate(zip(got[:n_tree], want, biases)):
+        gt, wt = list(g.outputs[0].token_ids), list(w.outputs[0].token_ids)
+        assert gt == wt, (k, bias, gt, wt)
+        if bias is None:
+            assert gt == plain[k // 3]
+            continue
+        changed += gt != plain[k // 3]
+        assert not [t for t in gt if bias.get(t, 0) < 0], (k, bias, gt)   # forbidden: never
+        if w.outputs[0].logprobs is not None:
+            for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                assert set(lg) == set(lw)
+                assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lw)
+    assert changed >= 6, changed   # the biases mattered
+    biased_runs = [run for has_bias, _, run in tagged if has_bias]
+    assert max(len(r) for r in biased_runs) > 2, biased_runs
+
+
+def test_min_p_applied_at_every_tree_node(lade_llm, vanilla_llm, tokenizer):
+    """Sampling with min_p: each token lade emits (tree nodes included) has
+    p_T(token) >= min_p * max p_T at its own position, read from its reported raw logprob and the
+    top-1 logprob (p_T ~ p ** (1 / T)); without min_p (vanilla) many tokens fall below it, so the
+    check can fail. The min_p requests were decoded with accepted tree runs."""
+    import math
+
+    from vllm import SamplingParams
+    T, MIN_P = 1.2, 0.1
+    ps = prompts.load("humaneval", 3) + prompts.load("mtbench", 3, tokenizer)
+
+    def below(results):
+        n = bad = 0
+        for r in results:
+            c = r.outputs[0]
+            for tok, lp in zip(c.token_ids, c.logprobs):
+                top = max(v.logprob for v in lp.values())
+                n += 1
+                bad += (lp[tok].logprob - top) / T < math.log(MIN_P) - 1e-4
+        return bad, n
+
+    lade_llm.collective_rpc("lade_probe_start")
+    got = lade_llm.generate(ps, [SamplingParams(temperature=T, min_p=MIN_P, max_tokens=48,
+                                                logprobs=1, seed=40 + i)
+                                 for i in range(len(ps))], use_tqdm=False)
+    tagged = lade_llm.collective_rpc("lade_probe")[0]["tagged"]
+    free = vanilla_llm.generate(ps, [SamplingParams(temperature=T, max_tokens=48, logprobs=1,
+                                                    seed=40 + i) for i in range(len(ps))],
+                                use_tqdm=False)
+    bad, n = below(got)
+    bad_free, n_free = below(free)
+    runs = [run for _, m, run in tagged if m == MIN_P]
+    print(f"\nmin_p={MIN_P} T={T}: lade tokens below the threshold {bad}/{n}; vanilla without "
+          f"min_p {bad_free}/{n_free}; lade runs > 1 token: {sum(len(r) > 1 for r in runs)}"
+          f"/{len(runs)}")
+    assert bad == 0
+    assert bad_free >= 5
+    assert sum(len(r) > 1 for r in runs) >= 3, runs   # trees accepted tokens
