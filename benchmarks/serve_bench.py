@@ -188,7 +188,16 @@ def row_of(method: str, rate: float, res: dict) -> dict:
         "acceptance_length": res.get("spec_decode_acceptance_length"),
         "num_drafts": res.get("spec_decode_num_drafts"),
         "output_lens": res.get("output_lens"),
+        "generated_texts": res.get("generated_texts"),
     }
+
+
+def same_text(row: dict, vanilla: dict) -> str:
+    """How many requests got exactly vanilla's text (greedy; bf16 may differ where trees ran)."""
+    a, b = row.get("generated_texts"), vanilla.get("generated_texts")
+    if not a or not b or len(a) != len(b):
+        return "–"
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
 
 
 def rate_key(rate) -> float:
@@ -205,12 +214,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['machine']}.",
         "",
         "| method | rate (req/s) | ok | req/s | output tok/s | mean TTFT ms | median TTFT ms "
-        "| mean TPOT ms | mean ITL ms | acc. len |",
+        "| mean TPOT ms | mean ITL ms | acc. len (drafts) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (rate_key(r["rate"]), r["method"] != "vanilla",
                                          r["method"])):
-        acc = f"{r['acceptance_length']:.2f}" if r["acceptance_length"] else "–"
+        acc = (f"{r['acceptance_length']:.2f} ({r['num_drafts']})" if r["acceptance_length"]
+               else "–")
         lines.append(
             f"| {r['method']} | {r['rate']} | {r['completed']}/{r['completed'] + r['failed']} "
             f"| {r['request_throughput']:.2f} | {r['output_throughput']:.1f} "
@@ -221,8 +231,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if others:
         lines += ["", "Ratios vs vanilla at the same rate (output tok/s: higher is better; "
                       "TTFT / TPOT: lower is better):", "",
-                  "| method | rate | output tok/s | mean TTFT | mean TPOT | mean ITL |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | rate | output tok/s | mean TTFT | mean TPOT | mean ITL "
+                  "| same text as vanilla |",
+                  "|---|---|---|---|---|---|---|"]
 
         def ratio(a, b):
             return f"{a / b:.2f}×" if a and b else "–"
@@ -233,7 +244,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"| {ratio(r['output_throughput'], v['output_throughput'])} "
                 f"| {ratio(r['mean_ttft_ms'], v['mean_ttft_ms'])} "
                 f"| {ratio(r['mean_tpot_ms'], v['mean_tpot_ms'])} "
-                f"| {ratio(r['mean_itl_ms'], v['mean_itl_ms'])} |")
+                f"| {ratio(r['mean_itl_ms'], v['mean_itl_ms'])} | {same_text(r, v)} |")
     return "\n".join(lines) + "\n"
 
 

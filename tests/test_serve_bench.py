@@ -3,8 +3,8 @@
 (`vllm bench serve`'s code) with MT-bench prompts.
 
 float32 (so greedy outputs are comparable token for token), 4 prompts x 32 tokens, rate inf, eager
-servers. Two server starts make it cost ~4 min on the loaded 2-core machine (over the 3 min a CI
-module may add), so it runs with LADE_FULL=1 (`make test-full`) or LADE_SERVE_BENCH=1.
+servers. Two server starts make it cost 2.7-4.2 min on the loaded 2-core machine (measured; over
+the 3 min a CI module may add), so it runs with LADE_FULL=1 (`make test-full`) or LADE_SERVE_BENCH=1.
 """
 import json
 import os
@@ -16,7 +16,7 @@ from conftest import FULL
 
 pytestmark = pytest.mark.skipif(
     not FULL and os.environ.get("LADE_SERVE_BENCH") != "1",
-    reason="two server starts (~4 min): LADE_FULL=1 or LADE_SERVE_BENCH=1")
+    reason="two server starts (3-4 min): LADE_FULL=1 or LADE_SERVE_BENCH=1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROMPTS = 4
