@@ -4,7 +4,8 @@
 
 float32 (so greedy outputs are comparable token for token), 4 prompts x 32 tokens, rate inf, eager
 servers. Two server starts make it cost 2.7-4.2 min on the loaded 2-core machine (measured; over
-the 3 min a CI module may add), so it runs with LADE_FULL=1 (`make test-full`) or LADE_SERVE_BENCH=1.
+the 3 min a CI module may add), so it runs with LADE_FULL=1 (`make test-full`) or
+LADE_SERVE_BENCH=1.
 """
 import json
 import os
