@@ -193,7 +193,8 @@ def row_of(method: str, rate: float, res: dict) -> dict:
 
 
 def same_text(row: dict, vanilla: dict) -> str:
-    """How many requests got exactly vanilla's text (greedy; bf16 may differ where trees ran)."""
+    """How many requests got exactly vanilla's text. Greedy, but in bf16 a request's numerics depend
+    on the batch it ran in (which timing decides) and on tree steps, so a few may differ."""
     a, b = row.get("generated_texts"), vanilla.get("generated_texts")
     if not a or not b or len(a) != len(b):
         return "–"
