@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-full soak bench profile bench-proposer clean
+.PHONY: setup model demo test test-full soak bench profile bench-proposer bench-serve clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -58,6 +58,12 @@ soak: setup
 
 bench-proposer: setup
 	$(PY) benchmarks/bench_proposer.py
+
+# `vllm bench serve` client vs plain `vllm serve` and `--speculative-config lade` at request rates
+# 1, 4, inf (TTFT, TPOT, ITL, throughput). ~10 min; SERVE_BENCH_ARGS e.g. "--quick" or
+# "--methods vanilla,lade,ngram --rates 2,inf --compile".
+bench-serve: setup
+	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
