@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dataset", default="mtbench", choices=["mtbench", "humaneval"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
-    ap.add_argument("--level", choices=["off", "lookup", "full"],
+    ap.add_argument("--level", choices=["off", "chain", "lookup", "full"],
                     help="force the adaptive policy's level every step (lade methods)")
     ap.add_argument("--spec", help="JSON speculative config overriding the method's")
     ap.add_argument("--full", action="store_true",

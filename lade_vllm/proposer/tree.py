@@ -207,7 +207,7 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     no valid candidates to disable lookahead for a sequence). cands [B, G, D0] / cand_valid [B, G]:
     candidates from ``NgramPool.lookup``; a candidate with a negative token is dropped.
     max_cand_len: feed only the first tokens of each candidate. window_size [B]: columns per sequence
-    (<= W, default W). num_cands [B]: use only the first candidates per sequence (default all).
+    (<= W, default W). num_cands [B]: use only the newest candidates per sequence (default all).
     cand_len [B]: feed only the first cand_len[b] tokens of sequence b's candidates (default all).
     merge=False keeps every candidate as its own chain (for tests).
 
@@ -241,7 +241,10 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     else:
         valid = cand_valid.bool() & (cands.min(-1).values >= 0)
     if num_cands is not None:
-        valid = valid & (sc_["cand_range"] < num_cands.long()[:, None])
+        # keep the newest valid candidates (pools list them oldest first):
+        # a continuation seen again is refreshed to newest, so the newest are the likeliest
+        newer = valid.flip(1).cumsum(1).flip(1)          # valid candidates at this index or after
+        valid = valid & (newer <= num_cands.long()[:, None])
     if merge and G > 1 and D > 0 and B > 0:
         perm, ks, bits = _lex_sort(cands, valid)
         sc = cands.gather(1, perm[:, :, None].expand(B, G, D))

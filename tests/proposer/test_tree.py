@@ -102,9 +102,10 @@ def test_tree_structure(inp, merge):
         G = inp["cands"].shape[1]
         nc = int(inp["num_cands"][b])
         Db = D if inp["cand_len"] is None else min(D, int(inp["cand_len"][b]))  # per-sequence cap
-        fed = [tuple(inp["cands"][b, g, :Db].tolist()) for g in range(G)
-               if inp["cand_valid"][b, g] and g < nc and Db > 0
-               and min(inp["cands"][b, g, :D].tolist(), default=0) >= 0]
+        usable = [g for g in range(G) if inp["cand_valid"][b, g]
+                  and min(inp["cands"][b, g, :D].tolist(), default=0) >= 0]
+        kept = set(usable[max(len(usable) - nc, 0):]) if nc > 0 else set()  # the newest nc
+        fed = [tuple(inp["cands"][b, g, :Db].tolist()) for g in range(G) if g in kept and Db > 0]
         trie_nodes = [i for i in range(start, end) if tree.is_trie[i]]
         paths = [node_path(tree, i)[1:] for i in trie_nodes]
         if merge:
@@ -112,7 +113,7 @@ def test_tree_structure(inp, merge):
         else:
             assert len(paths) == len(fed) * Db
         for g in range(G):
-            fed_g = bool(inp["cand_valid"][b, g]) and g < nc and Db > 0
+            fed_g = g in kept and Db > 0
             row = tree.cand_node_index[b, g]
             if not fed_g:
                 assert (row == -1).all()
