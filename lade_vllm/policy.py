@@ -34,8 +34,8 @@ The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three 
 FULL is tried when the cost extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
 level whose predicted score is within ``explore_margin`` of the best, so its estimates follow
 changes in load and text without paying for big trees where they cannot win. The margin relaxes
-in proportion once a level has been unused for more than 4 * explore_every steps, so a level judged
-from one slow step gets re-measured after a while (a hopeless one only rarely). The choice never affects outputs, only speed.
+in proportion once a level has been unused for more than 4 * explore_every steps (down to a third
+of it), so a level judged from slow steps gets re-measured after a while and a hopeless one never. The choice never affects outputs, only speed.
 """
 from __future__ import annotations
 
@@ -183,7 +183,9 @@ class AdaptivePolicy:
 
     def _margin(self, level: int) -> float:
         age = self.steps - self.last_used[level]
-        return self.explore_margin * min(1.0, 4.0 * self.explore_every / max(age, 1))
+        # never below a third of the margin: a level predicted that far behind stays unexplored
+        # (one full-tree step at batch 32 costs as much as ~20 plain steps)
+        return self.explore_margin * max(min(1.0, 4.0 * self.explore_every / max(age, 1)), 1 / 3)
 
     def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
         """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal);
