@@ -35,7 +35,9 @@ FULL is tried when the cost extrapolated from them (linear in tokens) leaves it 
 level whose predicted score is within ``explore_margin`` of the best, so its estimates follow
 changes in load and text without paying for big trees where they cannot win. The margin relaxes
 in proportion once a level has been unused for more than 4 * explore_every steps (down to a third
-of it), so a level judged from slow steps gets re-measured after a while and a hopeless one never. The choice never affects outputs, only speed.
+of it), so a level judged from slow steps gets re-measured after a while and a hopeless one never;
+and a level whose step is predicted to cost more than twice the best level's is never explored
+(``explore_margin`` 0 lifts both limits: any level, for tests). The choice never affects outputs, only speed.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
 ROBUST_SAMPLES = 3  # a cost bucket's first samples keep their minimum
 WARMUP_ROUNDS = 3   # the first steps cycle OFF, CHAIN, LOOKUP this many times
+EXPLORE_COST = 2.0  # exploration never picks a step predicted dearer than this x the best's
 
 
 @dataclass
@@ -149,9 +152,12 @@ class AdaptivePolicy:
             return max(model(tokens), self.cost_plain(tokens))
         return self.cost_plain(tokens)
 
-    def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
+    def _step_cost(self, level: int, num_reqs: int, base_tokens: int) -> float:
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
-        return num_reqs * self.tokens[level].value / self.cost(level, int(round(tokens)))
+        return self.cost(level, int(round(tokens)))
+
+    def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
+        return num_reqs * self.tokens[level].value / self._step_cost(level, num_reqs, base_tokens)
 
     def choose(self, num_reqs: int, base_tokens: int) -> int:
         """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens."""
@@ -173,8 +179,12 @@ class AdaptivePolicy:
                 # worth a slow step to confirm
                 # (the margin relaxes as a level stays unused: a level judged from a slow
                 # step gets another chance after a while, a hopeless one only rarely)
-                others = [lv for lv in LEVELS if lv != level and scores[lv] >= self._margin(
-                    lv) * scores[level]]
+                # nor one whose step would cost more than EXPLORE_COST x the best level's: an
+                # exploration step must stay cheap (a tree at batch 32 costs ~10 plain steps)
+                cost = [self._step_cost(lv, num_reqs, base_tokens) for lv in LEVELS]
+                others = [lv for lv in LEVELS if lv != level
+                          and scores[lv] >= self._margin(lv) * scores[level]
+                          and (self.explore_margin == 0 or cost[lv] <= EXPLORE_COST * cost[level])]
                 if others:
                     level = min(others, key=lambda lv: self.last_used[lv])
         self.last_used[level] = self.steps

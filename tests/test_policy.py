@@ -56,6 +56,7 @@ def test_loaded_batch_turns_lade_off():
     big tree is not even explored once measured as hopeless."""
     history, _ = simulate(lambda t: 0.020 + 0.0015 * t, 32, steps=600)
     assert history[OFF] > 0.9 * sum(history), history
+    assert history[FULL] == 0, history  # never explored: its step would cost > 2x an OFF step
 
 
 def test_disabled_policy_always_full():
