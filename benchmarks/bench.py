@@ -100,7 +100,7 @@ def table(rows: list[dict]) -> str:
                 if "host_ms_per_step" in r else "")
         levels = "/".join(str(x) for x in r["levels"]) if "levels" in r else ""
         out.append(f"| {r['dataset']} | {r['batch']} | {r['method']} | {r['tok_s']:.1f} | "
-                   f"{r['tokens_per_step']:.2f} | {v:.2f}x | {g:.2f}x | "
+                   f"{r['tokens_per_step']:.2f} | {v:.2f}x | {'' if g != g else f'{g:.2f}x'} | "
                    f"{v / r['tokens_per_step']:.2f} | {host} | {levels} |")
     return "\n".join(out)
 
