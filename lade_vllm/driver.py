@@ -5,7 +5,8 @@ One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vll
 1. ``LadeDriver.propose`` (called by vLLM as the custom_class drafter, after the previous step's
    bookkeeping): pool lookup + Jacobi window -> a token tree per request (proposer.LookaheadState).
    The tree's nodes except the root go to the scheduler as this request's "draft tokens", in
-   storage order [trie candidates | window] so that a scheduler truncation drops window nodes first.
+   storage order [trie candidates | window] so that a scheduler truncation drops window nodes first
+   (lade_vllm.proposal: the Proposal / StepPlan records and that ordering).
 2. ``LadeDriver.before_forward`` (wraps ``GPUModelRunner._prepare_inputs``): for each request whose
    scheduled drafts are the tree we proposed, rewrite its RoPE positions to p + depth and publish the
    tree masks for the attention backend (lade_vllm.attention).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,50 +30,12 @@ from lade_vllm.eligibility import is_eligible
 from lade_vllm.kv_move import KVMover
 from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.request_options import parse_request_options
-from lade_vllm.proposer import LookaheadState, StepTree
+from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
+from lade_vllm.proposer import LookaheadState
 from lade_vllm.sampling import (RequestRows, TreeOutput, emitted_logprobs, node_targets,
                                 verify_subtree)
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
-
-
-@dataclass
-class Proposal:
-    """The trees proposed for the next step, for the requests in ``req_ids``."""
-    req_ids: list[str]
-    slots: torch.Tensor          # [B]
-    last_tokens: torch.Tensor    # [B]
-    tree: StepTree
-    drafts: list[list[int]]      # per request: node tokens in storage order, root excluded
-    order: list[np.ndarray]      # per request: storage index -> local StepTree node index
-    parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
-    depth: list[np.ndarray]      # per request: storage-order depth
-    num_trie: list[int] = field(default_factory=list)  # per request: candidate (trie) nodes
-    level: int | None = FULL     # adaptive policy level of this step (None: mixed, see pinned)
-    tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
-
-
-@dataclass
-class StepPlan:
-    """This step's tree requests (batch order) and what verification needs about them."""
-    batch_idx: list[int] = field(default_factory=list)
-    prop_idx: list[int] = field(default_factory=list)     # index into the Proposal
-    num_nodes: list[int] = field(default_factory=list)    # scheduled nodes incl. root
-    full: list[bool] = field(default_factory=list)        # whole tree scheduled
-    slot_mapping: list[torch.Tensor] = field(default_factory=list)  # per request [groups, n]
-
-
-def _ancestor_mask(parent: np.ndarray) -> torch.Tensor:
-    n = parent.shape[0]
-    mask = np.eye(n, dtype=bool)
-    cur = np.arange(n)
-    while True:
-        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
-        ok = cur >= 0
-        if not ok.any():
-            break
-        mask[np.nonzero(ok)[0], cur[ok]] = True
-    return torch.from_numpy(mask)
 
 
 class LadeDriver:
@@ -248,7 +210,7 @@ class LadeDriver:
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
         tree_args = self._tree_args(slots_t, level, torch.tensor(pinned, dtype=torch.bool))
         tree = self.state.propose(slots_t, lasts_t, **tree_args)
-        prop = self._storage_order(req_ids, slots_t, lasts_t, tree)
+        prop = storage_order(req_ids, slots_t, lasts_t, tree)
         prop.level = FULL if all(pinned) else (level if not any(pinned) else None)
         prop.tree_args = tree_args
         for row, drafts in zip(rows, prop.drafts):
@@ -277,32 +239,6 @@ class LadeDriver:
             args["num_cands"] = torch.where(pinned, cands, 1) if level == CHAIN else cands
             args["cand_len"] = self.slot_cand_len[slots]
         return args
-
-    @staticmethod
-    def _storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
-        """Reorder each request's nodes as [root | trie | window] (parents stay before children)."""
-        T = tree.total_nodes
-        group = torch.where(tree.is_trie, 1, 2)
-        group[tree.root_index] = 0
-        order = torch.argsort(tree.node_seq * 3 + group, stable=True)       # storage -> tree idx
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(T)
-        parent_s = torch.where(tree.parent[order] >= 0, inv[tree.parent[order].clamp(min=0)], -1)
-        start = tree.seq_start
-        tokens_s = tree.tokens[order].numpy()
-        parent_s, depth_s = parent_s.numpy(), tree.depth[order].numpy()
-        order_np, start_np = order.numpy(), start.numpy()
-        drafts, orders, parents, depths = [], [], [], []
-        is_trie_s = tree.is_trie[order].numpy()
-        num_trie = []
-        for b in range(len(req_ids)):
-            lo, hi = int(start_np[b]), int(start_np[b + 1])
-            drafts.append(tokens_s[lo + 1:hi].tolist())
-            orders.append(order_np[lo:hi] - lo)
-            parents.append(np.where(parent_s[lo:hi] >= 0, parent_s[lo:hi] - lo, -1))
-            depths.append(depth_s[lo:hi])
-            num_trie.append(int(is_trie_s[lo:hi].sum()))
-        return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths, num_trie)
 
     # ---- 2. before the forward --------------------------------------------------------------
     def before_forward(self, scheduler_output) -> None:
@@ -347,7 +283,7 @@ class LadeDriver:
             runner.positions[start:start + n] = torch.from_numpy(p + depth)
             if not np.array_equal(depth, np.arange(n)):
                 layout.req_indices.append(i)
-                layout.tree_masks.append(_ancestor_mask(prop.parent[k][:n]))
+                layout.tree_masks.append(ancestor_mask(prop.parent[k][:n]))
             window = max(n - 1 - prop.num_trie[k], 0)   # storage order: [root | trie | window]
             self.window_counts[req_id] = window
             self.stats["tree_steps"] += 1

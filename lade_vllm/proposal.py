@@ -1,0 +1,78 @@
+"""What one step's proposal looks like between ``LadeDriver.propose`` and ``LadeDriver.verify``:
+the proposed trees in the order vLLM sees their nodes ([root | trie | window] per request), and the
+plan of which of them were scheduled whole."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lade_vllm.policy import FULL
+from lade_vllm.proposer import StepTree
+
+
+@dataclass
+class Proposal:
+    """The trees proposed for the next step, for the requests in ``req_ids``."""
+    req_ids: list[str]
+    slots: torch.Tensor          # [B]
+    last_tokens: torch.Tensor    # [B]
+    tree: StepTree
+    drafts: list[list[int]]      # per request: node tokens in storage order, root excluded
+    order: list[np.ndarray]      # per request: storage index -> local StepTree node index
+    parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
+    depth: list[np.ndarray]      # per request: storage-order depth
+    num_trie: list[int] = field(default_factory=list)  # per request: candidate (trie) nodes
+    level: int | None = FULL     # adaptive policy level of this step (None: mixed, see pinned)
+    tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
+
+
+@dataclass
+class StepPlan:
+    """This step's tree requests (batch order) and what verification needs about them."""
+    batch_idx: list[int] = field(default_factory=list)
+    prop_idx: list[int] = field(default_factory=list)     # index into the Proposal
+    num_nodes: list[int] = field(default_factory=list)    # scheduled nodes incl. root
+    full: list[bool] = field(default_factory=list)        # whole tree scheduled
+    slot_mapping: list[torch.Tensor] = field(default_factory=list)  # per request [groups, n]
+
+
+def ancestor_mask(parent: np.ndarray) -> torch.Tensor:
+    n = parent.shape[0]
+    mask = np.eye(n, dtype=bool)
+    cur = np.arange(n)
+    while True:
+        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
+        ok = cur >= 0
+        if not ok.any():
+            break
+        mask[np.nonzero(ok)[0], cur[ok]] = True
+    return torch.from_numpy(mask)
+
+
+
+def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
+    """Reorder each request's nodes as [root | trie | window] (parents stay before children)."""
+    T = tree.total_nodes
+    group = torch.where(tree.is_trie, 1, 2)
+    group[tree.root_index] = 0
+    order = torch.argsort(tree.node_seq * 3 + group, stable=True)       # storage -> tree idx
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(T)
+    parent_s = torch.where(tree.parent[order] >= 0, inv[tree.parent[order].clamp(min=0)], -1)
+    start = tree.seq_start
+    tokens_s = tree.tokens[order].numpy()
+    parent_s, depth_s = parent_s.numpy(), tree.depth[order].numpy()
+    order_np, start_np = order.numpy(), start.numpy()
+    drafts, orders, parents, depths = [], [], [], []
+    is_trie_s = tree.is_trie[order].numpy()
+    num_trie = []
+    for b in range(len(req_ids)):
+        lo, hi = int(start_np[b]), int(start_np[b + 1])
+        drafts.append(tokens_s[lo + 1:hi].tolist())
+        orders.append(order_np[lo:hi] - lo)
+        parents.append(np.where(parent_s[lo:hi] >= 0, parent_s[lo:hi] - lo, -1))
+        depths.append(depth_s[lo:hi])
+        num_trie.append(int(is_trie_s[lo:hi].sum()))
+    return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths, num_trie)
