@@ -123,11 +123,11 @@ def test_gather_kv_roundtrip(dtype, block_size):
             ks.append(kk)
             vs.append(vv)
         K, V = gather_kv(kv_cache, bt, k_perm, v_perm)
-        assert K.shape == V.shape == (2, nblk * block_size, kvh, hd)
+        assert K.shape == V.shape == (2, kvh, nblk * block_size, hd)
         assert K.dtype == dtype
         for r, n in enumerate(lens):
-            assert torch.equal(K[r, :n], ks[r]), f"K mismatch isa={isa} r={r}"
-            assert torch.equal(V[r, :n], vs[r]), f"V mismatch isa={isa} r={r}"
+            assert torch.equal(K[r, :, :n], ks[r].transpose(0, 1)), f"K mismatch isa={isa} r={r}"
+            assert torch.equal(V[r, :, :n], vs[r].transpose(0, 1)), f"V mismatch isa={isa} r={r}"
 
 
 def test_probe_vec_layout_is_transposed_k():

@@ -41,8 +41,7 @@ reads all of ``[0, seq_len)`` from the paged cache.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,8 +55,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from lade_vllm.attention import TreeLayout, get_step_layout
-from lade_vllm.attention.kv_layout import combined_perm, gather_kv, probe_layout
-from lade_vllm.attention.tree_math import tree_attention_dense
+from lade_vllm.attention.kv_layout import gather_kv, probe_layout, token_gather_index
+from lade_vllm.attention.tree_math import mask_bias, masked_attention
 
 __all__ = [
     "TreeAttnPlan",
@@ -89,6 +88,9 @@ class TreeAttnPlan:
     max_query_len: int  # Tq
     max_kv_len: int  # L
     covers_all: bool = False  # every scheduled token is a tree token: skip vLLM's kernel
+    # built by the first layer that needs them, reused by the others (same step, same group)
+    kv_index: dict = field(default_factory=dict)  # (isa, dtype, cache shape) -> gather index
+    bias: dict = field(default_factory=dict)      # dtype -> additive mask [R, 1, Tq, L]
 
     @property
     def num_reqs(self) -> int:
@@ -176,6 +178,8 @@ def build_tree_plan(
     ) & in_new[:, None, :]
     in_prefix = ar_l[None, :] < prefix[:, None]
     allowed = (in_prefix[:, None, :] | new_part) & query_valid[:, :, None]
+    # padded query rows (discarded) see key 0, so that no softmax row is empty
+    allowed[:, :, 0] |= ~query_valid
 
     nblk = (L + block_size - 1) // block_size
     if nblk > block_table.shape[1]:
@@ -235,14 +239,6 @@ class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                                and int(tree.flat_dst.numel()) == cam.num_actual_tokens)
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
         return LadeCPUAttentionMetadata(**fields, tree=tree)
-
-
-@functools.lru_cache(maxsize=64)
-def _layout_for(isa: str, dtype: torch.dtype, block_size: int, head_size: int,
-                kv_cache_dtype: str):
-    k_perm, v_perm = probe_layout(isa, dtype, block_size, head_size,
-                                  kv_cache_dtype)
-    return k_perm, v_perm, combined_perm(k_perm, v_perm)
 
 
 class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -319,19 +315,24 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         isa = getattr(layer, "isa", None) or _get_attn_isa(
             kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
         )
-        k_perm, v_perm, perm = _layout_for(
-            isa, kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
-        )
-        k, v = gather_kv(kv_cache, plan.block_table, k_perm, v_perm, perm)
-        L = plan.max_kv_len
-        k = k[:, :L]
-        v = v[:, :L]
+        key = (isa, kv_cache.dtype, tuple(kv_cache.shape))
+        index = plan.kv_index.get(key)
+        if index is None:
+            k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
+                                          self.kv_cache_dtype)
+            index = token_gather_index(kv_cache, plan.block_table, k_perm, v_perm,
+                                       plan.max_kv_len)
+            plan.kv_index[key] = index
+        k, v = gather_kv(kv_cache, plan.block_table, None, None, index)   # [R, kvh, L, hd]
+        bias = plan.bias.get(query.dtype)
+        if bias is None:
+            bias = plan.bias[query.dtype] = mask_bias(plan.allowed, query.dtype)
         R, Tq = plan.query_rows.shape
         q = query.view(query.shape[0], self.num_heads, self.head_size)
         q = q.index_select(0, plan.query_rows.reshape(-1)).view(
             R, Tq, self.num_heads, self.head_size
         )
-        out = tree_attention_dense(q, k, v, plan.allowed, self.scale)
+        out = masked_attention(q, k, v, bias, self.scale)
         out_rows = out.reshape(R * Tq, self.num_heads, -1).index_select(
             0, plan.flat_src
         )

@@ -10,7 +10,8 @@ whatever ``ops.cpu_attn_reshape_and_cache`` writes for the ISA picked by
 ``[hd, bs]`` and V ``[bs, hd]``; ``amx`` uses packed tiles; other ISAs may
 differ again. Rather than hard-code any of that, :func:`probe_layout` asks the
 real writer where each (token offset, dim) element lands and returns the
-permutation; :func:`gather_kv` then reads whole blocks and applies it.
+permutation; :func:`token_gather_index` turns it into flat element indices
+for one step's tokens (shared by every layer) and :func:`gather_kv` reads them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["probe_layout", "gather_kv", "combined_perm"]
+__all__ = ["probe_layout", "token_gather_index", "gather_kv"]
 
 # Digits written per pass. Values 1..16 are exact in fp32, fp16 and bf16
 # (0 is the "not written by this pass" sentinel).
@@ -138,30 +139,44 @@ def probe_layout(
     return k_perm, v_perm
 
 
-@functools.lru_cache(maxsize=64)
-def _vec_perms(bs: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    o = torch.arange(bs)[:, None]
-    d = torch.arange(hd)[None, :]
-    return d * bs + o, bs * hd + o * hd + d
+def token_gather_index(
+    kv_cache: torch.Tensor,
+    block_table_rows: torch.Tensor,
+    k_perm: torch.Tensor,
+    v_perm: torch.Tensor,
+    length: int,
+) -> torch.Tensor:
+    """Flat element indices of the first ``length`` tokens' K and V in a CPU paged cache.
 
+    Args:
+        kv_cache: one layer's cache, ``[num_blocks, kvh, bs, 2 * hd]``, contiguous. Every layer
+            of one KV-cache group has the same shape, so one index serves all of them.
+        block_table_rows: ``[R, nblk]`` block ids covering ``[0, length)`` (entries past a
+            request's length may be any valid id; they are clamped).
+        k_perm, v_perm: from :func:`probe_layout` for this cache.
+        length: tokens per request to index.
 
-def _is_vec_layout(k_perm: torch.Tensor, v_perm: torch.Tensor) -> bool:
-    """True for the ``vec``/``vec16`` layout (K transposed per block, V row-major after it)."""
-    key = (k_perm.data_ptr(), v_perm.data_ptr())
-    hit = _VEC_CACHE.get(key)
-    if hit is None:
-        vk, vv = _vec_perms(*k_perm.shape)
-        hit = bool(torch.equal(k_perm, vk) and torch.equal(v_perm, vv))
-        _VEC_CACHE[key] = hit
-    return hit
-
-
-_VEC_CACHE: dict[tuple[int, int], bool] = {}
-
-
-def combined_perm(k_perm: torch.Tensor, v_perm: torch.Tensor) -> torch.Tensor:
-    """``cat(k_perm.flatten(), v_perm.flatten())`` (one index for both)."""
-    return torch.cat([k_perm.reshape(-1), v_perm.reshape(-1)])
+    Returns:
+        ``[2, R, kvh, length, hd]`` indices into ``kv_cache.view(-1)`` (int32 when they fit):
+        ``kv_cache.view(-1)[idx[0, r, h, t, d]]`` is K of token ``t`` of request ``r``.
+    """
+    nb, kvh, bs, two_hd = kv_cache.shape
+    hd = two_hd // 2
+    if k_perm.shape != (bs, hd) or v_perm.shape != (bs, hd):
+        raise ValueError(
+            f"perm shape {tuple(k_perm.shape)} does not match cache block ({bs}, {hd})"
+        )
+    if not kv_cache.is_contiguous():
+        raise ValueError("token_gather_index needs a contiguous KV cache")
+    R = block_table_rows.shape[0]
+    tok = torch.arange(length)
+    blk = block_table_rows.to(torch.long).clamp(0, nb - 1)[:, tok // bs]      # [R, L]
+    region = 2 * bs * hd
+    base = (blk[:, None, :] * (kvh * region)
+            + (torch.arange(kvh) * region)[None, :, None])                    # [R, kvh, L]
+    within = torch.stack([k_perm[tok % bs], v_perm[tok % bs]])                 # [2, L, hd]
+    idx = base[None, :, :, :, None] + within[:, None, None, :, :]             # [2,R,kvh,L,hd]
+    return idx.to(torch.int32) if kv_cache.numel() < 2**31 else idx
 
 
 def gather_kv(
@@ -169,42 +184,22 @@ def gather_kv(
     block_table_rows: torch.Tensor,
     k_perm: torch.Tensor,
     v_perm: torch.Tensor,
-    perm: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather whole blocks of a CPU paged KV cache into dense K and V.
+    """Gather the tokens of a CPU paged KV cache into dense K and V.
 
     Args:
-        kv_cache: one layer's cache, ``[num_blocks, kvh, bs, 2 * hd]``.
-        block_table_rows: ``[R, nblk]`` block ids (entries past a request's
-            length may be any valid id, e.g. 0 padding; they are clamped).
-        k_perm, v_perm: from :func:`probe_layout` for this cache.
-        perm: optional precomputed :func:`combined_perm` (saves a cat).
+        kv_cache, block_table_rows, k_perm, v_perm: as for :func:`token_gather_index`.
+        index: a :func:`token_gather_index` result for this cache; built here when None
+            (covering ``nblk * bs`` tokens).
 
     Returns:
-        ``(K, V)``, each ``[R, nblk * bs, kvh, hd]`` in the cache dtype;
-        row ``t`` is logical token ``t`` of the request.
+        ``(K, V)``, each ``[R, kvh, L, hd]`` in the cache dtype (a view of one gathered
+        tensor); ``K[r, h, t]`` is logical token ``t`` of request ``r``.
     """
-    nb, kvh, bs, two_hd = kv_cache.shape
-    hd = two_hd // 2
-    if k_perm.shape != (bs, hd) or v_perm.shape != (bs, hd):
-        raise ValueError(
-            f"perm shape {tuple(k_perm.shape)} does not match cache block "
-            f"({bs}, {hd})"
-        )
-    R, nblk = block_table_rows.shape
-    ids = block_table_rows.reshape(-1).to(torch.long).clamp(0, nb - 1)
-    if _is_vec_layout(k_perm, v_perm):
-        # K stored [hd, bs] (transposed), V [bs, hd]: strided views and one copy each, ~10x
-        # faster than a 2*bs*hd-wide index_select (profiled: it was 27% of a lade step).
-        blocks = kv_cache.index_select(0, ids).view(R, nblk, kvh, 2 * bs * hd)
-        k = blocks[..., : bs * hd].view(R, nblk, kvh, hd, bs).permute(0, 1, 4, 2, 3)
-        v = blocks[..., bs * hd:].view(R, nblk, kvh, bs, hd).permute(0, 1, 3, 2, 4)
-        return (k.reshape(R, nblk * bs, kvh, hd), v.reshape(R, nblk * bs, kvh, hd))
-    if perm is None:
-        perm = combined_perm(k_perm, v_perm)
-    blocks = kv_cache.index_select(0, ids).view(R * nblk, kvh, 2 * bs * hd)
-    kv = blocks.index_select(2, perm)  # [R*nblk, kvh, 2*bs*hd] in (K|V, o, d)
-    kv = kv.view(R, nblk, kvh, 2, bs, hd).permute(3, 0, 1, 4, 2, 5)
-    # [2, R, nblk, bs, kvh, hd] -> [2, R, nblk*bs, kvh, hd]
-    kv = kv.reshape(2, R, nblk * bs, kvh, hd)
+    if index is None:
+        bs = kv_cache.shape[2]
+        index = token_gather_index(kv_cache, block_table_rows, k_perm, v_perm,
+                                   block_table_rows.shape[1] * bs)
+    kv = kv_cache.view(-1).index_select(0, index.view(-1)).view(index.shape)
     return kv[0], kv[1]

@@ -1,14 +1,15 @@
 """Dense tree-masked attention in pure torch (no vLLM import).
 
-Used by the CPU tree-attention backend for the few query rows of requests that
-are decoded as a token tree; every other row goes through vLLM's own kernel.
+The CPU tree-attention backend runs :func:`masked_attention` for the query rows
+of requests decoded as a token tree; every other row goes through vLLM's own
+kernel. :func:`tree_attention_dense` is the same math behind a boolean mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["tree_attention_dense"]
+__all__ = ["tree_attention_dense", "mask_bias", "masked_attention"]
 
 
 def tree_attention_dense(
@@ -52,45 +53,35 @@ def tree_attention_dense(
         raise ValueError(
             f"allowed has shape {tuple(allowed.shape)}, expected {(R, Tq, L)}"
         )
-    # One fused kernel (torch's CPU flash attention, fp32 accumulation): ~2x faster per layer than
-    # the explicit matmul/softmax below on this machine (W2/N3/G2 step profile: attention was 18%).
-    # Rows with no allowed key would give NaN there, so they attend to everything and are zeroed.
+    # Rows with no allowed key attend to everything and are zeroed afterwards (never NaN).
     empty = ~allowed.any(dim=-1)                                   # [R, Tq]
-    safe = allowed | empty[..., None] if bool(empty.any()) else allowed
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=safe[:, None],
-        scale=scale, enable_gqa=H != KVH).transpose(1, 2)
-    if bool(empty.any()):
+    has_empty = bool(empty.any())
+    safe = allowed | empty[..., None] if has_empty else allowed
+    out = masked_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask_bias(safe, q.dtype),
+                           scale)
+    if has_empty:
         out = out.masked_fill(empty[:, :, None, None], 0)
     return out
 
 
-def tree_attention_reference(q, k, v, allowed, scale):
-    """Explicit fp32 matmul/softmax version of :func:`tree_attention_dense` (same contract)."""
-    R, Tq, H, hd = q.shape
-    L, KVH, hd_v = k.shape[1], k.shape[2], v.shape[-1]
-    g = H // KVH
-    out_dtype = q.dtype
+def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[R, Tq, L]`` bool -> ``[R, 1, Tq, L]`` additive mask (0 allowed, -inf masked)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return bias[:, None]
 
-    # [R, KVH, g, Tq, hd]; head h = kvh * g + gi (vLLM / HF GQA convention).
-    qf = q.float().reshape(R, Tq, KVH, g, hd).permute(0, 2, 3, 1, 4)
-    kf = k.float().permute(0, 2, 1, 3)  # [R, KVH, L, hd]
-    vf = v.float().permute(0, 2, 1, 3)  # [R, KVH, L, hd_v]
 
-    # [R, KVH, g*Tq, L]
-    scores = torch.matmul(qf.reshape(R, KVH, g * Tq, hd), kf.transpose(-1, -2))
-    scores = scores.view(R, KVH, g, Tq, L).mul_(scale)
-    mask = allowed.view(R, 1, 1, Tq, L)
-    scores = scores.masked_fill_(~mask, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(
-        torch.isfinite(row_max), row_max, torch.zeros_like(row_max)
-    )
-    probs = torch.exp_(scores.sub_(row_max))  # exp(-inf) = 0 for masked keys
-    denom = probs.sum(dim=-1, keepdim=True)
-    out = torch.matmul(probs.view(R, KVH, g * Tq, L), vf).view(R, KVH, g, Tq, hd_v)
-    # Fully-masked rows: numerator 0, denom 0 -> 0 (clamp avoids 0/0).
-    out = out / denom.clamp_min(torch.finfo(torch.float32).tiny)
-    # -> [R, Tq, KVH, g, hd_v] -> [R, Tq, H, hd_v]
-    out = out.permute(0, 3, 1, 2, 4).reshape(R, Tq, H, hd_v)
-    return out.to(out_dtype)
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of ``q`` [R, Tq, H, hd] over ``k``/``v`` [R, KVH, L, hd] with an additive
+    ``bias`` [R, 1, Tq, L] (every row must allow at least one key). One fused call (torch's
+    CPU flash attention with fp32 accumulation); head h reads KV head h // (H / KVH).
+    Returns [R, Tq, H, hd_v]."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=bias, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[1])
+    return out.transpose(1, 2)
