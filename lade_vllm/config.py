@@ -25,6 +25,9 @@ class LadeConfig:
     ngram_size: int = 5
     #: G: candidates verified per step, and continuations kept per key in the pool.
     guess_set_size: int = 7
+    #: K: tokens of the context suffix-match candidate (prompt lookup over prompt + output,
+    #: longest match of 2-8 tokens, most recent occurrence); 0 = no such candidate.
+    suffix_tokens: int = 8
     #: Seed the pool with the prompt's n-grams and add committed output n-grams as they appear.
     pool_from_prompt: bool = True
     #: Distinct keys kept per sequence pool (LRU); bounds pool memory.
@@ -40,6 +43,7 @@ class LadeConfig:
     adaptive_explore_margin: float = 0.6
 
     _RANGES = {"window_size": (1, 64), "ngram_size": (2, 16), "guess_set_size": (0, 64),
+               "suffix_tokens": (0, 32),
                "pool_max_keys": (1, 1 << 20), "seed": (0, (1 << 63) - 1),
                "adaptive_explore_every": (2, 1 << 20)}
 
@@ -65,16 +69,17 @@ class LadeConfig:
         if self.max_draft_nodes > MAX_TREE_DRAFT_NODES:
             raise LadeConfigError(
                 f"lade tree too large: window_size={self.window_size}, ngram_size="
-                f"{self.ngram_size}, guess_set_size={self.guess_set_size} need "
-                f"{self.max_draft_nodes} draft tokens per step; vLLM 0.32 verifies at most "
-                f"{MAX_TREE_DRAFT_NODES} ((W-1) + W*(N-2) + G*(N-1) <= {MAX_TREE_DRAFT_NODES})")
+                f"{self.ngram_size}, guess_set_size={self.guess_set_size}, suffix_tokens="
+                f"{self.suffix_tokens} need {self.max_draft_nodes} draft tokens per step; vLLM 0.32 "
+                f"verifies at most {MAX_TREE_DRAFT_NODES} "
+                f"((W-1) + W*(N-2) + G*(N-1) + K <= {MAX_TREE_DRAFT_NODES})")
 
     @property
     def max_draft_nodes(self) -> int:
         """Tree nodes per step besides the root: row 0 (W-1) + levels 1..N-2 (W each) + G
-        candidates of N-1 tokens (before trie merging)."""
+        pool candidates of N-1 tokens + the K-token suffix match (before trie merging)."""
         w, n, g = self.window_size, self.ngram_size, self.guess_set_size
-        return (w - 1) + w * (n - 2) + g * (n - 1)
+        return (w - 1) + w * (n - 2) + g * (n - 1) + self.suffix_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

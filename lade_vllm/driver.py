@@ -54,18 +54,21 @@ class LadeDriver:
         max_seqs = 2 * runner.input_batch.max_num_reqs
         self.state = LookaheadState(max_seqs, cfg.window_size, cfg.ngram_size,
                                     cfg.guess_set_size, max_keys=cfg.pool_max_keys,
-                                    pool_from_prompt=cfg.pool_from_prompt)
+                                    pool_from_prompt=cfg.pool_from_prompt,
+                                    suffix_tokens=cfg.suffix_tokens)
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(max_seqs - 1, -1, -1))
         # committed tokens each slot's state has seen (catch-up after steps without a tree)
         self.synced = np.zeros(max_seqs, dtype=np.int64)
         # per-request caps (SamplingParams.extra_args["lade"]): candidates and their length
         self.slot_cands = torch.full((max_seqs,), cfg.guess_set_size, dtype=torch.long)
-        self.slot_cand_len = torch.full((max_seqs,), cfg.ngram_size - 1, dtype=torch.long)
+        self.cand_len = max(cfg.ngram_size - 1, cfg.suffix_tokens)   # longest candidate
+        self.slot_cand_len = torch.full((max_seqs,), self.cand_len, dtype=torch.long)
         self.capped_slots: set[int] = set()
         self.policy = AdaptivePolicy(
-            full_nodes=cfg.max_draft_nodes, lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1),
-            chain_nodes=cfg.ngram_size - 1, enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
+            full_nodes=cfg.max_draft_nodes,
+            lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1) + cfg.suffix_tokens,
+            chain_nodes=max(cfg.ngram_size - 1, cfg.suffix_tokens), enabled=cfg.adaptive, explore_every=cfg.adaptive_explore_every,
             explore_margin=float(cfg.adaptive_explore_margin))
         # per request, window nodes scheduled this step (not "drafted" in vLLM's metrics)
         self.window_counts: dict[str, int] = {}
@@ -99,7 +102,7 @@ class LadeDriver:
                 if slot in self.capped_slots:
                     self.capped_slots.discard(slot)
                     self.slot_cands[slot] = self.cfg.guess_set_size
-                    self.slot_cand_len[slot] = self.cfg.ngram_size - 1
+                    self.slot_cand_len[slot] = self.cand_len
 
     def _slot_for(self, req_id: str, row: int, num_tokens: int) -> int | None:
         slot = self.slot_of.get(req_id)
@@ -209,6 +212,8 @@ class LadeDriver:
         self._catch_up(rows, slots, nums)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
         tree_args = self._tree_args(slots_t, level, torch.tensor(pinned, dtype=torch.bool))
+        token_ids = self.runner.input_batch.token_ids_cpu
+        tree_args["contexts"] = [token_ids[i, :n] for i, n in zip(rows, nums)]
         tree = self.state.propose(slots_t, lasts_t, **tree_args)
         prop = storage_order(req_ids, slots_t, lasts_t, tree)
         prop.level = FULL if all(pinned) else (level if not any(pinned) else None)
@@ -362,7 +367,9 @@ class LadeDriver:
                 sel = torch.tensor(ks)
                 sub_slots = prop.slots[sel]
                 tree = self.state.propose(sub_slots, prop.last_tokens[sel],
-                                          **{k: v[sel] for k, v in prop.tree_args.items()})
+                                          **{k: v[sel] if k != "contexts" else
+                                             [v[int(x)] for x in sel]
+                                             for k, v in prop.tree_args.items()})
             tree_target = torch.empty(tree.total_nodes, dtype=torch.long)
             for b, j in enumerate(full):
                 k, n, o = plan.prop_idx[j], plan.num_nodes[j], offset[j]

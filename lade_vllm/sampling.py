@@ -154,9 +154,13 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     ``need_sample`` [M] bool: rows of sampled requests whose target verification reads (the root
     and the trie); the others keep the argmax (window nodes: their targets only feed the pool),
     which saves the top-k/top-p work there."""
+    biases = _logit_bias_of(sampling_metadata)
+    if sampling_metadata.all_greedy and not biases and not keep_processed:
+        # argmax straight on the model-dtype rows (the fp32 cast is exact and monotone)
+        argmax = torch.cat([logits[r.start:r.start + r.num].argmax(dim=-1) for r in reqs]).cpu()
+        return NodeTargets(argmax, argmax, torch.zeros(argmax.shape[0], dtype=torch.bool), None)
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
-    biases = _logit_bias_of(sampling_metadata)
     if biases:   # before anything else, as in Sampler.apply_logits_processors (argmax too)
         x = apply_logit_bias(x, reqs, biases)
     argmax = x.argmax(dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .pool import NgramPool, ngrams_from_tokens
+from .suffix import suffix_candidates
 from .tree import StepTree, build_step_trees
 from .verify import VerifyResult, verify_tree
 from .window import JacobiWindows
@@ -22,8 +23,9 @@ class LookaheadState:
 
     def __init__(self, max_seqs: int, window_size: int, ngram_size: int, guess_set_size: int,
                  max_keys: int = 1024, pool_from_prompt: bool = False,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", suffix_tokens: int = 0):
         self.max_seqs = max_seqs
+        self.suffix_tokens = suffix_tokens  # length of the context suffix-match candidate (0: off)
         self.window_size = window_size
         self.ngram_size = ngram_size
         self.guess_set_size = guess_set_size
@@ -80,8 +82,12 @@ class LookaheadState:
     def propose(self, slots: torch.Tensor, last_tokens: torch.Tensor,
                 enabled: torch.Tensor | None = None, max_cand_len: int | None = None,
                 use_window: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
-                cand_len: torch.Tensor | None = None) -> StepTree:
+                cand_len: torch.Tensor | None = None, contexts: list | None = None) -> StepTree:
         """Step tree for ``slots`` [B] whose last committed tokens are ``last_tokens`` [B].
+
+        ``contexts``: per sequence its committed tokens (prompt + output, numpy int arrays, the
+        last one is ``last_tokens``); with ``suffix_tokens`` > 0 their suffix match is one more
+        candidate, placed newest (a one-candidate step takes it when there is one).
 
         ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding).
         ``use_window`` [B] bool: False leaves the window out of this step (it stays frozen; only
@@ -89,6 +95,8 @@ class LookaheadState:
         candidates, of at most that many tokens, per sequence."""
         slots = slots.long()
         cands, valid = self.pool.lookup(slots, last_tokens)
+        if contexts is not None and self.suffix_tokens > 0:
+            cands, valid = self._with_suffix(cands, valid, contexts)
         levels, filled, width = self.windows.window_inputs(slots)
         if enabled is not None:
             filled = torch.where(enabled, filled, 0)
@@ -98,6 +106,16 @@ class LookaheadState:
         return build_step_trees(last_tokens, levels, filled, cands, valid,
                                 max_cand_len=max_cand_len, window_size=width,
                                 num_cands=num_cands, cand_len=cand_len)
+
+    def _with_suffix(self, cands, valid, contexts):
+        """Append the context suffix-match candidate after the pool's (padded to one length)."""
+        suf = suffix_candidates(contexts, self.suffix_tokens).to(cands.device)      # [B, K]
+        B, G, D = cands.shape
+        width = max(D, suf.shape[1])
+        out = torch.full((B, G + 1, width), _EMPTY, dtype=torch.long, device=cands.device)
+        out[:, :G, :D] = cands
+        out[:, G, :suf.shape[1]] = suf
+        return out, torch.cat([valid, (suf[:, :1] >= 0)], 1)
 
     def commit(self, slots: torch.Tensor, tree: StepTree, target: torch.Tensor) -> VerifyResult:
         """Verify with per-node ``target`` [tree.total_nodes], then update pool and windows.

@@ -238,8 +238,16 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     # candidates sharing a prefix are adjacent; the first of a run of equal prefixes owns the node.
     if D == 0:
         valid = torch.zeros(cand_valid.shape, dtype=torch.bool, device=dev)
+        tok_ok = None
     else:
-        valid = cand_valid.bool() & (cands.min(-1).values >= 0)
+        # a candidate ends before its first negative token (none at all: dropped)
+        tok_ok = (cands >= 0).cumprod(2).bool()                               # [B, G, D]
+        valid = cand_valid.bool() & tok_ok[:, :, 0]
+        if not bool(tok_ok[valid].all()):
+            # padding sorts after every token, so shorter candidates share their prefix nodes
+            cands = torch.where(tok_ok, cands, int(cands.max()) + 1)
+        else:
+            tok_ok = None
     if num_cands is not None:
         # keep the newest valid candidates (pools list them oldest first):
         # a continuation seen again is refreshed to newest, so the newest are the likeliest
@@ -265,12 +273,15 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
         perm, sc, sv = None, cands, valid
         owner = sv[:, :, None].expand(B, G, D)
         node_g = sc_["cand_col"] + bc["trie_base"]
+    sv = sv[:, :, None]                                                       # [B, G, 1|D]
+    if tok_ok is not None:
+        tok_sorted = tok_ok if perm is None else tok_ok.gather(1, perm[:, :, None].expand(B, G, D))
+        owner = owner & tok_sorted
+        sv = sv & tok_sorted
     if cand_len is not None and D > 0:
         deep_ok = torch.arange(D, device=dev)[None, None, :] < cand_len.long()[:, None, None]
         owner = owner & deep_ok
-        sv = sv[:, :, None] & deep_ok                                         # [B, G, D]
-    else:
-        sv = sv[:, :, None]
+        sv = sv & deep_ok
 
     # ---- padded rows: [grid cell (l, c) at l*W + c | trie (depth j, sorted candidate i) at
     # L*W + j*G + i]; the existing slots, in row order, are the nodes in the documented order

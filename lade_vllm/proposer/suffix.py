@@ -1,0 +1,63 @@
+"""Context suffix match: a candidate continuation copied from the request's own context.
+
+For each sequence, find the longest suffix of its committed tokens (prompt + output), between
+``MIN_MATCH`` and ``MAX_MATCH`` tokens, that also occurs earlier in the context; the candidate is
+what followed its most recent earlier occurrence, up to ``k`` tokens. This is vLLM's prompt lookup
+(``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent of the
+n-gram size N. Compiled with numba (a vLLM dependency) when available.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MIN_MATCH = 2
+MAX_MATCH = 8
+
+try:
+    from numba import njit
+except ImportError:  # pragma: no cover - numba ships with vLLM
+    def njit(*args, **kwargs):
+        return (lambda f: f) if not args or not callable(args[0]) else args[0]
+
+
+@njit(cache=False, nogil=True)
+def _match_one(tokens, min_n, max_n, k, out):
+    """Fill ``out[:m]`` with the continuation of the longest earlier match; returns m."""
+    L = tokens.shape[0]
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        # most recent earlier occurrence of tokens[L-n:], ending before the suffix itself
+        for start in range(L - n - 1, -1, -1):
+            hit = True
+            for j in range(n):
+                if tokens[start + j] != tokens[L - n + j]:
+                    hit = False
+                    break
+            if hit:
+                m = min(k, L - (start + n))
+                for j in range(m):
+                    out[j] = tokens[start + n + j]
+                return m
+    return 0
+
+
+@njit(cache=False, nogil=True)
+def _match_batch(flat, offsets, min_n, max_n, k, out):
+    for b in range(offsets.shape[0] - 1):
+        _match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
+
+
+def suffix_candidates(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
+                      max_n: int = MAX_MATCH) -> torch.Tensor:
+    """One candidate per context: ``[B, k]`` int64, -1 after its end (all -1: no match)."""
+    B = len(contexts)
+    out = np.full((B, max(k, 0)), -1, dtype=np.int64)
+    if B == 0 or k <= 0:
+        return torch.from_numpy(out)
+    lens = np.fromiter((len(c) for c in contexts), dtype=np.int64, count=B)
+    offsets = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.concatenate(contexts).astype(np.int64, copy=False) if offsets[-1] else \
+        np.zeros(0, dtype=np.int64)
+    _match_batch(flat, offsets, min_n, max_n, k, out)
+    return torch.from_numpy(out)
