@@ -79,7 +79,7 @@ LEVEL_WINDOW = 128    # tokens/nodes observations kept per level
 PRIOR_SIGMA = 0.25    # relative step-time noise assumed while a bucket has few samples
 UNMEASURED_SE = 0.5   # relative error of a cost extrapolated beyond the measured buckets
 SWITCH_FLOOR = 0.03   # the exploited level changes only for a gain above this...
-SWITCH_K = 2.0        # ...and above this many standard errors of the two scores
+SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
 EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
 EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
@@ -102,17 +102,26 @@ class _Ring:
 
 
 class _CostBucket:
-    """Step times of one token-count bucket: robust mean and its relative standard error."""
+    """Step times of one token-count bucket: robust mean and its relative standard error, redone
+    after every max(1, n/16) new samples (an estimate over n samples moves little per sample)."""
 
     def __init__(self):
         self.logs = _Ring(COST_WINDOW)
         self.last = 0            # observation count when last fed (for eviction)
-        self._est: tuple[float, float] | None = None
+        self.pending = 0         # samples added since the estimate
+        self.value = 0.0         # estimated seconds of a step in this bucket
+        self.se = PRIOR_SIGMA    # relative standard error of value
 
-    def add(self, seconds: float, tick: int) -> None:
+    def add(self, seconds: float, tick: int) -> bool:
+        """Adds a sample; returns whether the estimate was redone."""
         self.logs.add(math.log(seconds))
         self.last = tick
-        self._est = None
+        self.pending += 1
+        if self.pending < max(1, len(self.logs.data) // 16):
+            return False
+        self.pending = 0
+        self.value, self.se = self._estimate()
+        return True
 
     def _estimate(self) -> tuple[float, float]:
         xs = sorted(self.logs.data)
@@ -123,20 +132,6 @@ class _CostBucket:
         if n < 8:
             sigma = max(sigma, PRIOR_SIGMA)
         return math.exp(sum(kept) / len(kept)), sigma / math.sqrt(len(kept))
-
-    @property
-    def value(self) -> float:
-        """Estimated seconds of a step in this bucket."""
-        if self._est is None:
-            self._est = self._estimate()
-        return self._est[0]
-
-    @property
-    def se(self) -> float:
-        """Relative standard error of ``value``."""
-        if self._est is None:
-            self._est = self._estimate()
-        return self._est[1]
 
 
 def _median(xs: list[float]) -> float:
@@ -172,8 +167,8 @@ class StepCostModel:
             if len(self.buckets) >= MAX_BUCKETS:   # drop the least recently observed bucket
                 del self.buckets[min(self.buckets, key=lambda k: self.buckets[k].last)]
             bucket = self.buckets[b] = _CostBucket()
-        bucket.add(seconds, self.ticks)
-        self._curve = None
+        if bucket.add(seconds, self.ticks):
+            self._curve = None
         return bucket.value
 
     def known(self) -> bool:
@@ -215,15 +210,18 @@ class StepCostModel:
         if x <= keys[0]:
             return vals[0]
         if x >= keys[-1]:
-            # linear in tokens through the last bucket and the largest one at most 1/SPAN of it
+            # linear in tokens from the largest bucket at most 1/SPAN of the last one to the last
             # (flat without such a bucket, so that a bigger tree gets measured, not assumed dear)
             t1 = self.RATIO ** keys[-1]
             j = bisect.bisect_right(keys, keys[-1] - math.log(self.SPAN) / math.log(self.RATIO))
             if j == 0:
                 return vals[-1]
             t0 = self.RATIO ** keys[j - 1]
-            slope = (vals[-1] - vals[j - 1]) / (t1 - t0)
-            return vals[-1] + slope * (max(tokens, 1) - t1)
+            # the rise less one standard error of it: a rise within the noise extrapolates flat
+            # rather than condemning a bigger tree from two noisy buckets
+            b0, b1 = self.buckets[keys[j - 1]], self.buckets[keys[-1]]
+            rise = vals[-1] - vals[j - 1] - math.hypot(b0.se * vals[j - 1], b1.se * vals[-1])
+            return vals[-1] + max(rise, 0.0) / (t1 - t0) * (max(tokens, 1) - t1)
         i = bisect.bisect_right(keys, x)
         k0, k1 = keys[i - 1], keys[i]
         f = (x - k0) / (k1 - k0)
@@ -245,41 +243,28 @@ class StepCostModel:
 
 
 class _LevelMean:
-    """Mean of a level's last LEVEL_WINDOW observations (a prior until the first one)."""
+    """Mean of a level's last LEVEL_WINDOW observations (a prior until the first one) and its
+    relative standard error, redone after every max(1, n/16) new observations."""
 
     def __init__(self, prior: float, fixed: bool = False):
-        self.prior = prior
         self.fixed = fixed       # OFF: exactly known, never observed
         self.ring = _Ring(LEVEL_WINDOW)
-        self._est: tuple[float, float] | None = None
+        self.pending = 0
+        self.value = prior
+        self.se = 0.0 if fixed else 0.2
 
     def add(self, x: float) -> None:
-        self.ring.add(x)
-        self._est = None
-
-    def _estimate(self) -> tuple[float, float]:
         data = self.ring.data
-        if self.fixed or not data:
-            return self.prior, 0.0 if self.fixed else 0.2
+        self.ring.add(x)
+        self.pending += 1
+        if self.pending < max(1, len(data) // 16):
+            return
+        self.pending = 0
         n = len(data)
-        m = sum(data) / n
-        if n < 2:
-            return m, 0.2
-        var = sum((x - m) ** 2 for x in data) / (n - 1)
-        return m, math.sqrt(var / n) / max(m, 1e-9)
-
-    @property
-    def value(self) -> float:
-        if self._est is None:
-            self._est = self._estimate()
-        return self._est[0]
-
-    @property
-    def se(self) -> float:
-        """Relative standard error of ``value``."""
-        if self._est is None:
-            self._est = self._estimate()
-        return self._est[1]
+        self.value = m = sum(data) / n
+        if n >= 2:
+            var = sum((v - m) ** 2 for v in data) / (n - 1)
+            self.se = math.sqrt(var / n) / max(m, 1e-9)
 
 
 @dataclass
@@ -375,17 +360,22 @@ class AdaptivePolicy:
         def loss(lv: int) -> float:  # expected seconds lost against running the exploited level
             return est[lv].cost * max(0.0, 1.0 - est[lv].score / est[cur].score)
 
-        # candidates: predicted competitive, not a much dearer step, affordable from the budget
-        ok = [lv for lv in others if est[lv].score >= self._margin(lv) * est[cur].score
-              and est[lv].cost <= EXPLORE_COST * est[cur].cost and loss(lv) <= self.budget]
+        # candidates: competitive and not a much dearer step, optimistically (an estimate
+        # extrapolated from far away must not rule a level out unmeasured), and affordable
+        def hi(lv: int) -> float:  # optimistic score
+            return est[lv].score * (1.0 + SWITCH_K * est[lv].se)
+
+        ok = [lv for lv in others if hi(lv) >= self._margin(lv) * est[cur].score
+              and est[lv].cost * (1.0 - min(0.5, SWITCH_K * est[lv].se))
+              <= EXPLORE_COST * est[cur].cost and loss(lv) <= self.budget]
         self.explorations += 1
         # the candidate most likely to beat the exploited level, while one might (optimistic
         # score above the exploited score); every fourth time the stalest, so none is forgotten
-        hope = [lv for lv in ok if est[lv].score * (1.0 + SWITCH_K * est[lv].se) >= est[cur].score]
+        hope = [lv for lv in ok if hi(lv) >= est[cur].score]
         if ok and self.explorations % 4 == 0:
             level = min(ok, key=lambda lv: self.last_used[lv])
         elif hope:
-            level = max(hope, key=lambda lv: est[lv].score * (1.0 + SWITCH_K * est[lv].se))
+            level = max(hope, key=hi)
         else:
             return cur
         self.budget -= loss(level)
