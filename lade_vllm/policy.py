@@ -62,6 +62,7 @@ dropped), each with at most ``COST_WINDOW`` samples, and ``LEVEL_WINDOW`` sample
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from dataclasses import dataclass
 
@@ -73,9 +74,12 @@ TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 #: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL).
 PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
 WARMUP_ROUNDS = 3     # the first steps cycle OFF, CHAIN, LOOKUP this many times
-COST_WINDOW = 128     # step times kept per cost bucket (the most recent)
+COST_WINDOW = 1024    # step times kept per cost bucket (the most recent)
 MAX_BUCKETS = 48      # buckets kept per cost curve
-LEVEL_WINDOW = 128    # tokens/nodes observations kept per level
+LEVEL_WINDOW = 1024   # tokens/nodes observations kept per level
+HORIZON = 1024        # samples older than this many steps are dropped...
+MIN_KEEP = 16         # ...beyond a bucket's / level's newest this many
+TRIM_EVERY = 64       # steps between sweeps dropping old samples everywhere
 PRIOR_SIGMA = 0.25    # relative step-time noise assumed while a bucket has few samples
 UNMEASURED_SE = 0.5   # relative error of a cost extrapolated beyond the measured buckets
 SWITCH_FLOOR = 0.03   # the exploited level changes only for a gain above this...
@@ -85,46 +89,60 @@ EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction o
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 
 
-class _Ring:
-    """The last ``size`` floats added (a fixed-size ring buffer)."""
+class _Samples:
+    """Recent samples as (tick, value): at most ``size``, and none older than HORIZON ticks
+    beyond the newest MIN_KEEP (so that estimates compared with each other cover the same span
+    of time, while a rarely fed one keeps what it has)."""
 
     def __init__(self, size: int):
-        self.size = size
-        self.data: list[float] = []
-        self.pos = 0
+        self.items: collections.deque[tuple[int, float]] = collections.deque(maxlen=size)
+        self.pending = 0         # samples added since the estimate was last redone
 
-    def add(self, x: float) -> None:
-        if len(self.data) < self.size:
-            self.data.append(x)
-        else:
-            self.data[self.pos] = x
-            self.pos = (self.pos + 1) % self.size
+    def add(self, x: float, tick: int) -> bool:
+        """Adds a sample; returns whether the estimate is due (after every max(1, n/16) new
+        samples: an estimate over n samples moves little per sample)."""
+        self.items.append((tick, x))
+        self.trim(tick)
+        self.pending += 1
+        if self.pending < max(1, len(self.items) // 16):
+            return False
+        self.pending = 0
+        return True
+
+    def trim(self, tick: int) -> bool:
+        """Drops samples older than HORIZON (beyond the newest MIN_KEEP); returns whether any."""
+        items, dropped = self.items, False
+        while len(items) > MIN_KEEP and items[0][0] < tick - HORIZON:
+            items.popleft()
+            dropped = True
+        return dropped
+
+    def values(self) -> list[float]:
+        return [x for _, x in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class _CostBucket:
-    """Step times of one token-count bucket: robust mean and its relative standard error, redone
-    after every max(1, n/16) new samples (an estimate over n samples moves little per sample)."""
+    """Step times of one token-count bucket: robust mean and its relative standard error."""
 
     def __init__(self):
-        self.logs = _Ring(COST_WINDOW)
-        self.last = 0            # observation count when last fed (for eviction)
-        self.pending = 0         # samples added since the estimate
+        self.samples = _Samples(COST_WINDOW)   # log seconds
+        self.last = 0            # tick when last fed (for eviction)
         self.value = 0.0         # estimated seconds of a step in this bucket
         self.se = PRIOR_SIGMA    # relative standard error of value
 
     def add(self, seconds: float, tick: int) -> bool:
         """Adds a sample; returns whether the estimate was redone."""
-        self.logs.add(math.log(seconds))
         self.last = tick
-        self.pending += 1
-        if self.pending < max(1, len(self.logs.data) // 16):
+        if not self.samples.add(math.log(seconds), tick):
             return False
-        self.pending = 0
         self.value, self.se = self._estimate()
         return True
 
     def _estimate(self) -> tuple[float, float]:
-        xs = sorted(self.logs.data)
+        xs = sorted(self.samples.values())
         n = len(xs)
         med = _median(xs)
         sigma = 1.4826 * _median(sorted(abs(x - med) for x in xs))
@@ -148,6 +166,7 @@ class StepCostModel:
     def __init__(self):
         self.buckets: dict[int, _CostBucket] = {}
         self.ticks = 0
+        self._trimmed = 0        # tick of the last sweep dropping old samples
         self._curve: tuple[list[int], list[float]] | None = None
 
     def _bucket(self, tokens: float) -> int:
@@ -156,11 +175,12 @@ class StepCostModel:
     def _x(self, tokens: float) -> float:
         return math.log(max(tokens, 1)) / math.log(self.RATIO)
 
-    def observe(self, tokens: int, seconds: float) -> float:
-        """Adds a sample; returns its bucket's new estimate (0 for an unusable sample)."""
+    def observe(self, tokens: int, seconds: float, tick: int | None = None) -> float:
+        """Adds a sample at time ``tick`` (default: count of samples); returns its bucket's
+        estimate (0 for an unusable sample)."""
         if tokens <= 0 or not 0 < seconds < math.inf:
             return 0.0
-        self.ticks += 1
+        self.ticks = self.ticks + 1 if tick is None else tick
         b = self._bucket(tokens)
         bucket = self.buckets.get(b)
         if bucket is None:
@@ -169,6 +189,12 @@ class StepCostModel:
             bucket = self.buckets[b] = _CostBucket()
         if bucket.add(seconds, self.ticks):
             self._curve = None
+        if self.ticks >= self._trimmed + TRIM_EVERY:   # age the buckets not fed lately too
+            self._trimmed = self.ticks
+            for other in self.buckets.values():
+                if other.samples.trim(self.ticks):
+                    other.value, other.se = other._estimate()
+                    self._curve = None
         return bucket.value
 
     def known(self) -> bool:
@@ -184,7 +210,7 @@ class StepCostModel:
             blocks: list[list[float]] = []   # [value, weight, buckets pooled]
             for k in keys:
                 b = self.buckets[k]
-                blocks.append([b.value, float(len(b.logs.data)), 1])
+                blocks.append([b.value, float(len(b.samples)), 1])
                 while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
                     v2, w2, c2 = blocks.pop()
                     v1, w1, c1 = blocks.pop()
@@ -243,23 +269,25 @@ class StepCostModel:
 
 
 class _LevelMean:
-    """Mean of a level's last LEVEL_WINDOW observations (a prior until the first one) and its
-    relative standard error, redone after every max(1, n/16) new observations."""
+    """Mean of a level's recent observations (``_Samples``; a prior until the first one) and its
+    relative standard error."""
 
     def __init__(self, prior: float, fixed: bool = False):
         self.fixed = fixed       # OFF: exactly known, never observed
-        self.ring = _Ring(LEVEL_WINDOW)
-        self.pending = 0
+        self.samples = _Samples(LEVEL_WINDOW)
         self.value = prior
         self.se = 0.0 if fixed else 0.2
 
-    def add(self, x: float) -> None:
-        data = self.ring.data
-        self.ring.add(x)
-        self.pending += 1
-        if self.pending < max(1, len(data) // 16):
-            return
-        self.pending = 0
+    def add(self, x: float, tick: int) -> None:
+        if self.samples.add(x, tick):
+            self._estimate()
+
+    def trim(self, tick: int) -> None:
+        if self.samples.trim(tick):
+            self._estimate()
+
+    def _estimate(self) -> None:
+        data = self.samples.values()
         n = len(data)
         self.value = m = sum(data) / n
         if n >= 2:
@@ -390,7 +418,7 @@ class AdaptivePolicy:
     def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
         """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal);
         ``tree``: some of its requests used tree attention."""
-        typical = (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds)
+        typical = (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds, self.steps)
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical
@@ -399,5 +427,8 @@ class AdaptivePolicy:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""
         if level == OFF:
             return
-        self.tokens[level].add(tokens_per_req)
-        self.nodes[level].add(nodes_per_req)
+        self.tokens[level].add(tokens_per_req, self.steps)
+        self.nodes[level].add(nodes_per_req, self.steps)
+        if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
+            for est in self.tokens + self.nodes:
+                est.trim(self.steps)

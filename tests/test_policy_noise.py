@@ -141,8 +141,8 @@ def _footprint(pol: AdaptivePolicy) -> list[int]:
     """Sizes of everything the policy keeps per step: buckets, their samples, level windows."""
     models = (pol.cost_plain, pol.cost_tree)
     return ([len(m.buckets) for m in models]
-            + [max(len(b.logs.data) for b in m.buckets.values()) for m in models]
-            + [len(e.ring.data) for e in pol.tokens + pol.nodes]
+            + [max(len(b.samples) for b in m.buckets.values()) for m in models]
+            + [len(e.samples) for e in pol.tokens + pol.nodes]
             + [len(pol.history), len(pol.last_used)])
 
 
