@@ -22,42 +22,53 @@ its extra tokens are the cheapest. The policy estimates each level's throughput
 where R is the number of lookahead requests, ``base`` the other requests' tokens, and
 
 - ``cost(T)``: seconds of a step that feeds T tokens. Each token-count bucket (a geometric grid)
-  keeps its last ``COST_WINDOW`` step times; its estimate is a robust mean: in log seconds, the
-  mean of the samples within 3 robust standard deviations (1.4826 * MAD) of the median, so load
-  spikes are dropped and one lucky or slow step moves the estimate by 1/n at most. Between buckets
-  the curve is interpolated, beyond them extrapolated linearly over a baseline of at least 2x in
-  tokens; more tokens never cost less. Steps with tree attention (LOOKUP, FULL) and steps without
-  (OFF, CHAIN) have separate curves: a tree query attends to the whole prefix outside vLLM's
-  kernel, so the same token count costs more. Until the tree curve spans 2x in tokens it is
-  extrapolated with the plain curve's shape;
-- ``tokens_per_step(level)`` and ``nodes(level)``: the mean of the level's last ``LEVEL_WINDOW``
-  observations (values bounded by the tree size, so a mean is safe and, unlike a median, unbiased
-  for integer-valued steps); priors below until measured; OFF is exactly 1 token and 0 nodes.
+  keeps recent step times; its estimate is a robust mean: in log seconds, the mean of the samples
+  within 3 robust standard deviations (1.4826 * MAD) of their median, so load spikes are dropped
+  and one lucky or slow step moves the estimate by about 1/n. Buckets out of order (a bigger one
+  estimated cheaper) are pooled into their sample-weighted mean (isotonic regression), so more
+  tokens never cost less and a bucket of few samples bends the curve little. Between buckets the
+  curve is interpolated; beyond them it is extrapolated linearly from the largest bucket at most
+  half the last one's size, with the rise less one standard error (a rise within the noise
+  extrapolates flat: a bigger tree gets measured rather than condemned by noise). Steps with tree
+  attention (LOOKUP, FULL) and steps without (OFF, CHAIN) have separate curves: a tree query
+  attends to the whole prefix outside vLLM's kernel, so the same token count costs more. Until
+  the tree curve spans 2x in tokens it grows beyond its largest bucket as the plain curve does;
+- ``tokens_per_step(level)`` and ``nodes(level)``: the mean of the level's recent observations
+  (values bounded by the tree size, so a mean is safe and, unlike a median, unbiased for
+  integer-valued steps); priors below until measured; OFF is exactly 1 token and 0 nodes.
 
-Each estimate carries its relative standard error: robust sigma / sqrt(n) for a cost bucket (a
-prior sigma while n < 8; ``UNMEASURED_SE`` for an extrapolated token count), standard deviation
-/ sqrt(n) / mean for tokens; a level's error combines both.
+"Recent" is the same for every estimate: samples older than ``HORIZON`` steps are dropped
+(beyond each bucket's or level's newest ``MIN_KEEP``), everywhere every ``TRIM_EVERY`` steps, so
+the exploited level (sampled every step) and a level explored now and then are compared over the
+same span of time, not a drifting machine's fast minute against its slow one. Estimates are
+redone after every max(1, n/16) new samples. Each carries its relative standard error: robust
+sigma / sqrt(n) for a cost bucket (at least ``PRIOR_SIGMA`` / sqrt(n) while n < 8, a little more
+between buckets, ``UNMEASURED_SE`` outside them), standard deviation / sqrt(n) / mean for
+tokens; a level's error combines its cost's and its tokens'.
 
 Choosing. The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three samples
-each); then the best-scoring level becomes the exploited level. The exploited level changes only
-to a level whose score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined
-standard error of both scores): a difference within the measured noise does not flip it.
+each); then the best-scoring level becomes the exploited level. It changes only to a level whose
+score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined standard error of
+both scores): a difference within the measured noise does not flip it.
 
 Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
-estimates current. Candidates are levels whose score is at least ``explore_margin`` of the exploited
-level's (a margin relaxed down to a third for a level unused for more than 4 * explore_every steps)
-and whose step costs at most ``EXPLORE_COST`` x the exploited level's. An exploration's expected
-loss, step cost * (1 - score / exploited score), is paid from a budget that earns
-``EXPLORE_BUDGET`` of every observed step's seconds (and holds at most ``BUDGET_STEPS`` exploited
-steps' worth), so exploration loses at most that fraction of elapsed time in expectation; a level
-predicted better costs nothing. Among affordable candidates the one with the highest optimistic
-score, score * (1 + SWITCH_K * error), is explored, and every fourth time the least recently used
-one. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every ``explore_every``
-steps the least recently used other level runs (for tests). The choice never affects outputs,
-only speed.
+estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
+error), is at least ``explore_margin`` of the exploited level's score (a margin relaxed down to a
+third for a level unused for more than 4 * explore_every steps), whose optimistic step cost is at
+most ``EXPLORE_COST`` x the exploited level's, and whose expected loss, step cost * (1 - score /
+exploited score), the budget can pay. The budget earns ``EXPLORE_BUDGET`` of each observed step's
+typical time (its bucket's estimate: a spike earns nothing extra) and holds at most
+``BUDGET_STEPS`` exploited steps' worth, so exploration loses at most that fraction of the time
+in expectation; a level predicted better costs nothing. The candidate explored is the one with
+the highest optimistic score while that beats the exploited score, and every fourth time the
+least recently used one, so no level's estimate is forgotten; with no such candidate the step
+exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every
+``explore_every`` steps the least recently used other level runs (for tests). The choice never
+affects outputs, only speed.
 
-Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently observed is
-dropped), each with at most ``COST_WINDOW`` samples, and ``LEVEL_WINDOW`` samples per level.
+Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
+dropped), at most ``COST_WINDOW`` samples per bucket and ``LEVEL_WINDOW`` per level, and in all
+about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
 """
 from __future__ import annotations
 
@@ -318,7 +329,7 @@ class AdaptivePolicy:
                       _LevelMean(float(lookup_nodes)), _LevelMean(float(full_nodes))]
         self.exploit: int | None = None     # the level run when not exploring
         self.budget = 0.0                   # seconds exploration may still lose
-        self.explorations = 0
+        self.explorations = 0               # exploration steps due so far
         self.last_used = [0] * len(LEVELS)
         self.steps = 0
         self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
@@ -366,6 +377,9 @@ class AdaptivePolicy:
                 level = self._explore(est)
         self.last_used[level] = self.steps
         self.history[level] += 1
+        if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
+            for mean in self.tokens + self.nodes:
+                mean.trim(self.steps)
         return level
 
     def _exploit(self, est: list[_Estimate]) -> int:
@@ -429,6 +443,3 @@ class AdaptivePolicy:
             return
         self.tokens[level].add(tokens_per_req, self.steps)
         self.nodes[level].add(nodes_per_req, self.steps)
-        if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
-            for est in self.tokens + self.nodes:
-                est.trim(self.steps)
