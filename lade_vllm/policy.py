@@ -15,33 +15,65 @@ FULL   Jacobi window + pool candidates              up to (W-1) + W*(N-2) + G*(N
 ====== ============================================ =========================================
 
 A chain needs no tree mask: its attention is vLLM's own causal kernel, as for any draft model, so
-its extra tokens are the cheapest. The policy picks the level with the highest expected throughput
+its extra tokens are the cheapest. The policy estimates each level's throughput
 
     score(level) = R * tokens_per_step(level) / cost(base + R * (1 + nodes(level)))
 
 where R is the number of lookahead requests, ``base`` the other requests' tokens, and
 
-- ``cost(T)``: seconds of a step that feeds T tokens, learned online from the step times the driver
-  measures (an exponential average per token-count bucket, interpolated between measured buckets;
-  more tokens never cost less). Steps with tree attention (LOOKUP, FULL) and steps without it
-  (OFF, CHAIN) have separate cost curves: a tree query attends to the whole prefix outside vLLM's
-  kernel, so the same token count costs more. A bucket's first three samples keep their minimum
-  (a load spike must not condemn a level from one slow step);
-- ``tokens_per_step(level)`` and ``nodes(level)``: exponential averages of what that level
-  delivered in past steps (priors below until measured; OFF is exactly 1 token and 0 nodes).
+- ``cost(T)``: seconds of a step that feeds T tokens. Each token-count bucket (a geometric grid)
+  keeps recent step times; its estimate is a robust mean: in log seconds, the mean of the samples
+  within 3 robust standard deviations (1.4826 * MAD) of their median, so load spikes are dropped
+  and one lucky or slow step moves the estimate by about 1/n. Buckets out of order (a bigger one
+  estimated cheaper) are pooled into their sample-weighted mean (isotonic regression), so more
+  tokens never cost less and a bucket of few samples bends the curve little. Between buckets the
+  curve is interpolated; beyond them it is extrapolated linearly from the largest bucket at most
+  half the last one's size, with the rise less one standard error (a rise within the noise
+  extrapolates flat: a bigger tree gets measured rather than condemned by noise). Steps with tree
+  attention (LOOKUP, FULL) and steps without (OFF, CHAIN) have separate curves: a tree query
+  attends to the whole prefix outside vLLM's kernel, so the same token count costs more. Until
+  the tree curve spans 2x in tokens it grows beyond its largest bucket as the plain curve does;
+- ``tokens_per_step(level)`` and ``nodes(level)``: the mean of the level's recent observations
+  (values bounded by the tree size, so a mean is safe and, unlike a median, unbiased for
+  integer-valued steps); priors below until measured; OFF is exactly 1 token and 0 nodes.
 
-The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three measurements each);
-FULL is tried when the cost extrapolated from them (linear in tokens) leaves it a chance. Every ``explore_every`` steps the policy tries, instead of the best level, the least recently used
-level whose predicted score is within ``explore_margin`` of the best, so its estimates follow
-changes in load and text without paying for big trees where they cannot win. The margin relaxes
-in proportion once a level has been unused for more than 4 * explore_every steps (down to a third
-of it), so a level judged from slow steps gets re-measured after a while and a hopeless one never;
-and a level whose step is predicted to cost more than twice the best level's is never explored
-(``explore_margin`` 0 lifts both limits: any level, for tests). The choice never affects outputs, only speed.
+"Recent" is the same for every estimate: samples older than ``HORIZON`` steps are dropped
+(beyond each bucket's or level's newest ``MIN_KEEP``), everywhere every ``TRIM_EVERY`` steps, so
+the exploited level (sampled every step) and a level explored now and then are compared over the
+same span of time, not a drifting machine's fast minute against its slow one. Estimates are
+redone after every max(1, n/16) new samples. Each carries its relative standard error: robust
+sigma / sqrt(n) for a cost bucket (at least ``PRIOR_SIGMA`` / sqrt(n) while n < 8, a little more
+between buckets, ``UNMEASURED_SE`` outside them), standard deviation / sqrt(n) / mean for
+tokens; a level's error combines its cost's and its tokens'.
+
+Choosing. The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three samples
+each); then the best-scoring level becomes the exploited level. It changes only to a level whose
+score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined standard error of
+both scores): a difference within the measured noise does not flip it.
+
+Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
+estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
+error), is at least ``explore_margin`` of the exploited level's score (a margin relaxed down to a
+third for a level unused for more than 4 * explore_every steps), whose optimistic step cost is at
+most ``EXPLORE_COST`` x the exploited level's, and whose expected loss, step cost * (1 - score /
+exploited score), the budget can pay. The budget earns ``EXPLORE_BUDGET`` of each observed step's
+typical time (its bucket's estimate: a spike earns nothing extra) and holds at most
+``BUDGET_STEPS`` exploited steps' worth, so exploration loses at most that fraction of the time
+in expectation; a level predicted better costs nothing. The candidate explored is the one with
+the highest optimistic score while that beats the exploited score, and every fourth time the
+least recently used one, so no level's estimate is forgotten; with no such candidate the step
+exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every
+``explore_every`` steps the least recently used other level runs (for tests). The choice never
+affects outputs, only speed.
+
+Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
+dropped), at most ``COST_WINDOW`` samples per bucket and ``LEVEL_WINDOW`` per level, and in all
+about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
 """
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from dataclasses import dataclass
 
@@ -52,112 +84,279 @@ TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 
 #: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL).
 PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
-ROBUST_SAMPLES = 3  # a cost bucket's first samples keep their minimum
-WARMUP_ROUNDS = 3   # the first steps cycle OFF, CHAIN, LOOKUP this many times
-EXPLORE_COST = 2.0  # exploration never picks a step predicted dearer than this x the best's
+WARMUP_ROUNDS = 3     # the first steps cycle OFF, CHAIN, LOOKUP this many times
+COST_WINDOW = 1024    # step times kept per cost bucket (the most recent)
+MAX_BUCKETS = 48      # buckets kept per cost curve
+LEVEL_WINDOW = 1024   # tokens/nodes observations kept per level
+HORIZON = 1024        # samples older than this many steps are dropped...
+MIN_KEEP = 16         # ...beyond a bucket's / level's newest this many
+TRIM_EVERY = 64       # steps between sweeps dropping old samples everywhere
+PRIOR_SIGMA = 0.25    # relative step-time noise assumed while a bucket has few samples
+UNMEASURED_SE = 0.5   # relative error of a cost extrapolated beyond the measured buckets
+SWITCH_FLOOR = 0.03   # the exploited level changes only for a gain above this...
+SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
+EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
+EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
+BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 
 
-@dataclass
-class _Ema:
-    value: float
-    weight: float = 0.0  # 0 = prior only
+class _Samples:
+    """Recent samples as (tick, value): at most ``size``, and none older than HORIZON ticks
+    beyond the newest MIN_KEEP (so that estimates compared with each other cover the same span
+    of time, while a rarely fed one keeps what it has)."""
 
-    def add(self, x: float, alpha: float) -> None:
-        a = max(alpha, 1.0 / (1.0 + self.weight))  # plain mean for the first samples
-        self.value += a * (x - self.value)
-        self.weight += 1.0
+    def __init__(self, size: int):
+        self.items: collections.deque[tuple[int, float]] = collections.deque(maxlen=size)
+        self.pending = 0         # samples added since the estimate was last redone
+
+    def add(self, x: float, tick: int) -> bool:
+        """Adds a sample; returns whether the estimate is due (after every max(1, n/16) new
+        samples: an estimate over n samples moves little per sample)."""
+        self.items.append((tick, x))
+        self.trim(tick)
+        self.pending += 1
+        if self.pending < max(1, len(self.items) // 16):
+            return False
+        self.pending = 0
+        return True
+
+    def trim(self, tick: int) -> bool:
+        """Drops samples older than HORIZON (beyond the newest MIN_KEEP); returns whether any."""
+        items, dropped = self.items, False
+        while len(items) > MIN_KEEP and items[0][0] < tick - HORIZON:
+            items.popleft()
+            dropped = True
+        return dropped
+
+    def values(self) -> list[float]:
+        return [x for _, x in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _CostBucket:
+    """Step times of one token-count bucket: robust mean and its relative standard error."""
+
+    def __init__(self):
+        self.samples = _Samples(COST_WINDOW)   # log seconds
+        self.last = 0            # tick when last fed (for eviction)
+        self.value = 0.0         # estimated seconds of a step in this bucket
+        self.se = PRIOR_SIGMA    # relative standard error of value
+
+    def add(self, seconds: float, tick: int) -> bool:
+        """Adds a sample; returns whether the estimate was redone."""
+        self.last = tick
+        if not self.samples.add(math.log(seconds), tick):
+            return False
+        self.value, self.se = self._estimate()
+        return True
+
+    def _estimate(self) -> tuple[float, float]:
+        xs = sorted(self.samples.values())
+        n = len(xs)
+        med = _median(xs)
+        sigma = 1.4826 * _median(sorted(abs(x - med) for x in xs))
+        kept = [x for x in xs if abs(x - med) <= 3.0 * sigma] or [med]
+        if n < 8:
+            sigma = max(sigma, PRIOR_SIGMA)
+        return math.exp(sum(kept) / len(kept)), sigma / math.sqrt(len(kept))
+
+
+def _median(xs: list[float]) -> float:
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 class StepCostModel:
     """cost(T) in seconds from observed (tokens, seconds) pairs, bucketed on a geometric grid."""
 
     RATIO = 1.25
+    SPAN = 2.0   # extrapolation uses two buckets at least this far apart in tokens
 
-    def __init__(self, alpha: float = 0.1):
-        self.alpha = alpha
-        self.buckets: dict[int, _Ema] = {}
+    def __init__(self):
+        self.buckets: dict[int, _CostBucket] = {}
+        self.ticks = 0
+        self._trimmed = 0        # tick of the last sweep dropping old samples
+        self._curve: tuple[list[int], list[float]] | None = None
 
-    def _bucket(self, tokens: int) -> int:
-        return int(round(math.log(max(tokens, 1)) / math.log(self.RATIO)))
+    def _bucket(self, tokens: float) -> int:
+        return int(round(self._x(tokens)))
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or not seconds > 0:
-            return
+    def _x(self, tokens: float) -> float:
+        return math.log(max(tokens, 1)) / math.log(self.RATIO)
+
+    def observe(self, tokens: int, seconds: float, tick: int | None = None) -> float:
+        """Adds a sample at time ``tick`` (default: count of samples); returns its bucket's
+        estimate (0 for an unusable sample)."""
+        if tokens <= 0 or not 0 < seconds < math.inf:
+            return 0.0
+        self.ticks = self.ticks + 1 if tick is None else tick
         b = self._bucket(tokens)
-        ema = self.buckets.get(b)
-        if ema is None:
-            self.buckets[b] = _Ema(seconds, 1.0)
-        elif ema.weight < ROBUST_SAMPLES:
-            ema.value = min(ema.value, seconds)
-            ema.weight += 1.0
-        else:
-            ema.add(seconds, self.alpha)
+        bucket = self.buckets.get(b)
+        if bucket is None:
+            if len(self.buckets) >= MAX_BUCKETS:   # drop the least recently observed bucket
+                del self.buckets[min(self.buckets, key=lambda k: self.buckets[k].last)]
+            bucket = self.buckets[b] = _CostBucket()
+        if bucket.add(seconds, self.ticks):
+            self._curve = None
+        if self.ticks >= self._trimmed + TRIM_EVERY:   # age the buckets not fed lately too
+            self._trimmed = self.ticks
+            for other in self.buckets.values():
+                if other.samples.trim(self.ticks):
+                    other.value, other.se = other._estimate()
+                    self._curve = None
+        return bucket.value
 
     def known(self) -> bool:
         return bool(self.buckets)
 
-    def __call__(self, tokens: int) -> float:
+    def curve(self) -> tuple[list[int], list[float]]:
+        """Bucket keys and their estimates made monotone (a bucket never costs less than a smaller
+        one): adjacent buckets out of order are pooled into their sample-weighted mean, so a
+        bucket of few samples bends the curve little (isotonic regression, pool adjacent
+        violators)."""
+        if self._curve is None:
+            keys = sorted(self.buckets)
+            blocks: list[list[float]] = []   # [value, weight, buckets pooled]
+            for k in keys:
+                b = self.buckets[k]
+                blocks.append([b.value, float(len(b.samples)), 1])
+                while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                    v2, w2, c2 = blocks.pop()
+                    v1, w1, c1 = blocks.pop()
+                    blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+            self._curve = (keys, [v for v, _, c in blocks for _ in range(int(c))])
+        return self._curve
+
+    def top(self) -> float:
+        """Token count of the largest measured bucket."""
+        return self.RATIO ** max(self.buckets)
+
+    def spans(self) -> bool:
+        """Whether the measured buckets span SPAN x in tokens (enough to extrapolate a slope)."""
+        keys = self.curve()[0]
+        return self.RATIO ** (keys[-1] - keys[0]) >= self.SPAN
+
+    def __call__(self, tokens: float) -> float:
         """Estimated seconds for a step of ``tokens`` tokens (monotone in tokens)."""
         if not self.buckets:
             return float(max(tokens, 1))
-        keys = sorted(self.buckets)
-        # monotone envelope: a bucket never costs less than a smaller one
-        vals, run = [], 0.0
-        for k in keys:
-            run = max(run, self.buckets[k].value)
-            vals.append(run)
-        x = math.log(max(tokens, 1)) / math.log(self.RATIO)
+        keys, vals = self.curve()
+        x = self._x(tokens)
         if x <= keys[0]:
             return vals[0]
         if x >= keys[-1]:
-            # beyond what was measured: linear in tokens through the last two buckets (flat with
-            # a single bucket, so that a bigger tree gets measured rather than assumed costly)
-            if len(keys) < 2:
+            # linear in tokens from the largest bucket at most 1/SPAN of the last one to the last
+            # (flat without such a bucket, so that a bigger tree gets measured, not assumed dear)
+            t1 = self.RATIO ** keys[-1]
+            j = bisect.bisect_right(keys, keys[-1] - math.log(self.SPAN) / math.log(self.RATIO))
+            if j == 0:
                 return vals[-1]
-            t0, t1 = self.RATIO ** keys[-2], self.RATIO ** keys[-1]
-            slope = max(vals[-1] - vals[-2], 0.0) / (t1 - t0)
-            return vals[-1] + slope * (max(tokens, 1) - t1)
+            t0 = self.RATIO ** keys[j - 1]
+            # the rise less one standard error of it: a rise within the noise extrapolates flat
+            # rather than condemning a bigger tree from two noisy buckets
+            b0, b1 = self.buckets[keys[j - 1]], self.buckets[keys[-1]]
+            rise = vals[-1] - vals[j - 1] - math.hypot(b0.se * vals[j - 1], b1.se * vals[-1])
+            return vals[-1] + max(rise, 0.0) / (t1 - t0) * (max(tokens, 1) - t1)
         i = bisect.bisect_right(keys, x)
         k0, k1 = keys[i - 1], keys[i]
         f = (x - k0) / (k1 - k0)
         return vals[i - 1] + f * (vals[i] - vals[i - 1])
+
+    def se(self, tokens: float) -> float:
+        """Relative standard error of ``self(tokens)``."""
+        if not self.buckets:
+            return UNMEASURED_SE
+        keys = self.curve()[0]
+        x = self._x(tokens)
+        near = self.buckets.get(int(round(x)))
+        if near is not None:
+            return near.se
+        if x < keys[0] - 0.5 or x > keys[-1] + 0.5:
+            return UNMEASURED_SE
+        i = bisect.bisect_right(keys, x)   # between two buckets: the worse of them, and then some
+        return max(self.buckets[keys[i - 1]].se, self.buckets[keys[i]].se) + 0.05
+
+
+class _LevelMean:
+    """Mean of a level's recent observations (``_Samples``; a prior until the first one) and its
+    relative standard error."""
+
+    def __init__(self, prior: float, fixed: bool = False):
+        self.fixed = fixed       # OFF: exactly known, never observed
+        self.samples = _Samples(LEVEL_WINDOW)
+        self.value = prior
+        self.se = 0.0 if fixed else 0.2
+
+    def add(self, x: float, tick: int) -> None:
+        if self.samples.add(x, tick):
+            self._estimate()
+
+    def trim(self, tick: int) -> None:
+        if self.samples.trim(tick):
+            self._estimate()
+
+    def _estimate(self) -> None:
+        data = self.samples.values()
+        n = len(data)
+        self.value = m = sum(data) / n
+        if n >= 2:
+            var = sum((v - m) ** 2 for v in data) / (n - 1)
+            self.se = math.sqrt(var / n) / max(m, 1e-9)
+
+
+@dataclass
+class _Estimate:
+    score: float   # tokens/s
+    cost: float    # seconds of the step
+    se: float      # relative standard error of score
 
 
 class AdaptivePolicy:
     """Chooses OFF / CHAIN / LOOKUP / FULL per step; see the module docstring."""
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
-                 enabled: bool = True, explore_every: int = 16, alpha: float = 0.1,
-                 explore_margin: float = 0.6, tokens_alpha: float = 0.25):
+                 enabled: bool = True, explore_every: int = 16, explore_margin: float = 0.6):
         self.enabled = enabled
-        self.tokens_alpha = tokens_alpha  # what a level delivers follows the text quickly
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
-        self.alpha = alpha
-        self.cost_plain = StepCostModel(alpha)   # OFF and CHAIN steps: vLLM's causal kernel
-        self.cost_tree = StepCostModel(alpha)    # LOOKUP and FULL steps: tree attention
-        self.tokens = [_Ema(PRIOR_TOKENS[lv]) for lv in LEVELS]
-        self.tokens[OFF].weight = math.inf  # exactly one token per step
+        self.cost_plain = StepCostModel()   # OFF and CHAIN steps: vLLM's causal kernel
+        self.cost_tree = StepCostModel()    # LOOKUP and FULL steps: tree attention
+        self.tokens = [_LevelMean(PRIOR_TOKENS[lv], fixed=lv == OFF) for lv in LEVELS]
         chain = lookup_nodes if chain_nodes is None else chain_nodes
-        self.nodes = [_Ema(0.0, math.inf), _Ema(float(chain)), _Ema(float(lookup_nodes)),
-                      _Ema(float(full_nodes))]
+        self.nodes = [_LevelMean(0.0, fixed=True), _LevelMean(float(chain)),
+                      _LevelMean(float(lookup_nodes)), _LevelMean(float(full_nodes))]
+        self.exploit: int | None = None     # the level run when not exploring
+        self.budget = 0.0                   # seconds exploration may still lose
+        self.explorations = 0               # exploration steps due so far
         self.last_used = [0] * len(LEVELS)
         self.steps = 0
         self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
 
-    def cost(self, level: int, tokens: int) -> float:
-        if level in TREE_LEVELS:
-            # before any tree step was timed, assume the plain curve (so the tree gets measured)
-            model = self.cost_tree if self.cost_tree.known() else self.cost_plain
-            return max(model(tokens), self.cost_plain(tokens))
-        return self.cost_plain(tokens)
+    def cost(self, level: int, tokens: float) -> float:
+        """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
+        plain, tree = self.cost_plain, self.cost_tree
+        if level not in TREE_LEVELS or not tree.known():
+            return plain(tokens)   # before any tree step was timed: the plain curve
+        top = tree.top()
+        if tokens <= top or tree.spans() or not plain.known():
+            return tree(tokens)
+        # beyond a narrow tree curve: grow as the plain curve does from the same token count
+        return tree(top) * plain(tokens) / plain(top)
 
-    def _step_cost(self, level: int, num_reqs: int, base_tokens: int) -> float:
+    def _cost_se(self, level: int, tokens: float) -> float:
+        model = self.cost_tree if level in TREE_LEVELS else self.cost_plain
+        return model.se(tokens)
+
+    def estimate(self, level: int, num_reqs: int, base_tokens: int) -> _Estimate:
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
-        return self.cost(level, int(round(tokens)))
+        cost = self.cost(level, tokens)
+        se = math.hypot(self._cost_se(level, tokens), self.tokens[level].se)
+        return _Estimate(num_reqs * self.tokens[level].value / cost, cost, se)
 
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
-        return num_reqs * self.tokens[level].value / self._step_cost(level, num_reqs, base_tokens)
+        return self.estimate(level, num_reqs, base_tokens).score
 
     def choose(self, num_reqs: int, base_tokens: int) -> int:
         """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens."""
@@ -168,27 +367,60 @@ class AdaptivePolicy:
             return OFF
         elif self.steps <= WARMUP_ROUNDS * 3:
             # measure the cheap levels first, a few times each: a step whose token count is new
-            # to the engine can be slow once (kernel set-up), and a bucket keeps its minimum
+            # to the engine can be slow once (kernel set-up), which the robust mean drops
             level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
         else:
-            scores = [self.score(lv, num_reqs, base_tokens) for lv in LEVELS]
-            level = max(LEVELS, key=lambda lv: (scores[lv], lv))
+            est = [self.estimate(lv, num_reqs, base_tokens) for lv in LEVELS]
+            self.exploit = self._exploit(est)
+            level = self.exploit
             if self.steps % self.explore_every == 0:
-                # re-measure the level seen least recently among the others that might be
-                # competitive; a level predicted far worse (a big tree on a loaded batch) is not
-                # worth a slow step to confirm
-                # (the margin relaxes as a level stays unused: a level judged from a slow
-                # step gets another chance after a while, a hopeless one only rarely)
-                # nor one whose step would cost more than EXPLORE_COST x the best level's: an
-                # exploration step must stay cheap (a tree at batch 32 costs ~10 plain steps)
-                cost = [self._step_cost(lv, num_reqs, base_tokens) for lv in LEVELS]
-                others = [lv for lv in LEVELS if lv != level
-                          and scores[lv] >= self._margin(lv) * scores[level]
-                          and (self.explore_margin == 0 or cost[lv] <= EXPLORE_COST * cost[level])]
-                if others:
-                    level = min(others, key=lambda lv: self.last_used[lv])
+                level = self._explore(est)
         self.last_used[level] = self.steps
         self.history[level] += 1
+        if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
+            for mean in self.tokens + self.nodes:
+                mean.trim(self.steps)
+        return level
+
+    def _exploit(self, est: list[_Estimate]) -> int:
+        """The exploited level: the current one unless another beats it beyond the noise."""
+        cur = self.exploit
+        if cur is None:
+            return max(LEVELS, key=lambda lv: (est[lv].score, lv))
+        better = [lv for lv in LEVELS if lv != cur and est[lv].score > est[cur].score
+                  * (1.0 + max(SWITCH_FLOOR, SWITCH_K * math.hypot(est[lv].se, est[cur].se)))]
+        return max(better, key=lambda lv: est[lv].score) if better else cur
+
+    def _explore(self, est: list[_Estimate]) -> int:
+        """The level to run on an exploration step (the exploited one when none qualifies)."""
+        cur = self.exploit
+        others = [lv for lv in LEVELS if lv != cur]
+        if self.explore_margin == 0:
+            return min(others, key=lambda lv: self.last_used[lv])
+        self.budget = min(self.budget, EXPLORE_BUDGET * BUDGET_STEPS * est[cur].cost)
+
+        def loss(lv: int) -> float:  # expected seconds lost against running the exploited level
+            return est[lv].cost * max(0.0, 1.0 - est[lv].score / est[cur].score)
+
+        # candidates: competitive and not a much dearer step, optimistically (an estimate
+        # extrapolated from far away must not rule a level out unmeasured), and affordable
+        def hi(lv: int) -> float:  # optimistic score
+            return est[lv].score * (1.0 + SWITCH_K * est[lv].se)
+
+        ok = [lv for lv in others if hi(lv) >= self._margin(lv) * est[cur].score
+              and est[lv].cost * (1.0 - min(0.5, SWITCH_K * est[lv].se))
+              <= EXPLORE_COST * est[cur].cost and loss(lv) <= self.budget]
+        self.explorations += 1
+        # the candidate most likely to beat the exploited level, while one might (optimistic
+        # score above the exploited score); every fourth time the stalest, so none is forgotten
+        hope = [lv for lv in ok if hi(lv) >= est[cur].score]
+        if ok and self.explorations % 4 == 0:
+            level = min(ok, key=lambda lv: self.last_used[lv])
+        elif hope:
+            level = max(hope, key=hi)
+        else:
+            return cur
+        self.budget -= loss(level)
         return level
 
     def _margin(self, level: int) -> float:
@@ -200,11 +432,14 @@ class AdaptivePolicy:
     def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
         """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal);
         ``tree``: some of its requests used tree attention."""
-        (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds)
+        typical = (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds, self.steps)
+        # the budget earns a share of the step's typical time (its bucket's robust mean, the
+        # scale losses are predicted in: a spike earns no extra exploration)
+        self.budget += EXPLORE_BUDGET * typical
 
     def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""
         if level == OFF:
             return
-        self.tokens[level].add(tokens_per_req, self.tokens_alpha)
-        self.nodes[level].add(nodes_per_req, self.tokens_alpha)
+        self.tokens[level].add(tokens_per_req, self.steps)
+        self.nodes[level].add(nodes_per_req, self.steps)
