@@ -1,10 +1,12 @@
-"""Side-by-side benchmark: vanilla vs vLLM ngram vs lade, one run, one machine.
+"""Side-by-side benchmark: vanilla vs vLLM ngram vs lade, methods interleaved and repeated.
 
     .venv/bin/python benchmarks/bench.py                      # or: make bench
     .venv/bin/python benchmarks/bench.py --batches 1,32 --methods vanilla,ngram,lade --prompts 8
 
 For every method, one engine (bf16, compiled, max_num_seqs = the largest batch) decodes MT-bench and
-HumanEval prompts greedily; "batch b" submits the prompts b at a time. Reports tokens/s,
+HumanEval prompts greedily; "batch b" submits the prompts b at a time. Each repetition runs every
+method once in turn (--repeat, default 3), so a slow spell of this shared machine hits all methods
+alike; the table gives tokens/s min / median / max and the same-repetition ratios. Reports tokens/s,
 tokens/step, speedup vs vanilla and vs ngram, step efficiency (speedup / tokens per step) and the
 lade proposer's host time per step; writes a markdown table and a PNG plot under
 benchmarks/results/.
@@ -16,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -86,22 +89,39 @@ def run_method(name: str, args) -> list[dict]:
     return rows
 
 
+def _spread(xs: list[float]) -> str:
+    xs = sorted(xs)
+    return f"{xs[0]:.1f} / {statistics.median(xs):.1f} / {xs[-1]:.1f}"
+
+
 def table(rows: list[dict]) -> str:
-    base = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "vanilla"}
-    ngram = {(r["dataset"], r["batch"]): r for r in rows if r["method"] == "ngram"}
-    out = ["| dataset | batch | method | tok/s | tokens/step | vs vanilla | vs ngram | "
-           "step efficiency | proposer host ms/step (% of step) | lade levels off/chain/lookup/full |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["batch"])):
-        key = (r["dataset"], r["batch"])
-        v = r["tok_s"] / base[key]["tok_s"] if key in base else float("nan")
-        g = r["tok_s"] / ngram[key]["tok_s"] if key in ngram else float("nan")
-        host = (f"{r['host_ms_per_step']:.2f} ({100 * r['host_ms_per_step'] / r['ms_per_step']:.0f}%)"
-                if "host_ms_per_step" in r else "")
-        levels = "/".join(str(x) for x in r["levels"]) if "levels" in r else ""
-        out.append(f"| {r['dataset']} | {r['batch']} | {r['method']} | {r['tok_s']:.1f} | "
-                   f"{r['tokens_per_step']:.2f} | {v:.2f}x | {'' if g != g else f'{g:.2f}x'} | "
-                   f"{v / r['tokens_per_step']:.2f} | {host} | {levels} |")
+    """One line per (dataset, batch, method) over the repetitions: tok/s min / median / max, and
+    the ratios to vanilla and ngram of the same repetition (methods interleaved, so each ratio
+    compares runs made minutes apart), median and worst."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["batch"], r["method"]), []).append(r)
+    by_rep = {(r["dataset"], r["batch"], r["method"], r.get("rep", 0)): r for r in rows}
+
+    def ratios(rs, other):
+        out = [r["tok_s"] / by_rep[k]["tok_s"] for r in rs
+               if (k := (r["dataset"], r["batch"], other, r.get("rep", 0))) in by_rep]
+        return f"{statistics.median(out):.2f}x ({min(out):.2f}x)" if out else ""
+
+    out = ["| dataset | batch | method | tok/s min / median / max | tokens/step | "
+           "vs vanilla median (worst) | vs ngram median (worst) | proposer host ms/step | "
+           "lade levels off/chain/lookup/full |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for (ds, b, m), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        tps = statistics.median(r["tokens_per_step"] for r in rs)
+        host = (f"{statistics.median(r['host_ms_per_step'] for r in rs):.2f}"
+                if "host_ms_per_step" in rs[0] else "")
+        levels = ("/".join(str(sum(r["levels"][i] for r in rs)) for i in range(4))
+                  if "levels" in rs[0] else "")
+        out.append(f"| {ds} | {b} | {m} | {_spread([r['tok_s'] for r in rs])} | {tps:.2f} | "
+                   f"{ratios(rs, 'vanilla') if m != 'vanilla' else ''} | "
+                   f"{ratios(rs, 'ngram') if m not in ('vanilla', 'ngram') else ''} | "
+                   f"{host} | {levels} |")
     return "\n".join(out)
 
 
@@ -115,8 +135,8 @@ def plot(rows: list[dict], path: str) -> None:
     for j, ds in enumerate(datasets):
         base = {r["batch"]: r["tok_s"] for r in rows if r["method"] == "vanilla" and r["dataset"] == ds}
         for m in methods:
-            rs = sorted((r for r in rows if r["method"] == m and r["dataset"] == ds),
-                        key=lambda r: r["batch"])
+            rs = sorted((r for r in rows if r["method"] == m and r["dataset"] == ds
+                         and r.get("rep", 0) == 0), key=lambda r: r["batch"])
             xs = [r["batch"] for r in rs]
             axes[0][j].plot(xs, [r["tok_s"] / base.get(r["batch"], r["tok_s"]) for r in rs],
                             marker="o", label=m)
@@ -137,6 +157,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=6, help="prompts per batch-1 run (and minimum)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="repetitions; each runs every method once, in order (interleaved)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:  # child process: vLLM cannot build a second engine in one process
@@ -146,16 +168,18 @@ def main(argv=None) -> None:
     if "vanilla" not in methods:
         methods.insert(0, "vanilla")
     rows = []
-    for k, name in enumerate(methods, 1):
-        print(f"[{k}/{len(methods)}] {name} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + \
-            (argv if argv is not None else sys.argv[1:])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
-        if proc.returncode or not got:
-            print(f"  [{name}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
-            continue
-        rows.extend(json.loads(got[-1][5:]))
+    for rep in range(args.repeat):
+        for k, name in enumerate(methods, 1):
+            print(f"[rep {rep + 1}/{args.repeat}, {k}/{len(methods)}] {name} ...",
+                  file=sys.stderr, flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + \
+                (argv if argv is not None else sys.argv[1:])
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
+            if proc.returncode or not got:
+                print(f"  [{name}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+                continue
+            rows.extend({**r, "rep": rep} for r in json.loads(got[-1][5:]))
     import torch
     import vllm
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
