@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from serve_util import MODEL_NAME, LadeServer
+from serve_util import MODEL_NAME, lade_server
 
 MAX_MODEL_LEN = 512
 BUDGET = 128  # --max-num-batched-tokens: a 440-token prompt takes 4 chunks; trees are truncated
@@ -84,7 +84,7 @@ def http_server(model_dir, cases, tmp_path_factory):
             "--max-num-seqs", "4", "--max-num-batched-tokens", str(BUDGET),
             "--enable-chunked-prefill"]
     # 1 GiB of KV cache is plenty here (max_model_len 512) and spares the shared machine's memory
-    with LadeServer(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+    with lade_server(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         yield server
 
 

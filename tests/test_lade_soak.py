@@ -27,7 +27,8 @@ import pytest
 
 from conftest import FULL
 from tools import prompts
-from serve_util import MODEL_NAME, LadeServer
+from serve_util import MODEL_NAME, lade_server
+from tools.server import Server
 
 CLIENTS, REQUESTS, NUM_PROMPTS = (32, 200, 24) if FULL else (8, 40, 10)
 MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 24, 48, 64)
@@ -103,7 +104,7 @@ def stream_one(client, prompt: str, job: Job) -> Result:
     return Result(job, "done", "".join(text), tuple(ids), finish)
 
 
-def run_jobs(server: LadeServer, prompt_texts: list[str], jobs: list[Job],
+def run_jobs(server: Server, prompt_texts: list[str], jobs: list[Job],
              clients: int) -> list[Result]:
     local = threading.local()
 
@@ -151,7 +152,7 @@ def soak_server(model_dir, references, tmp_path_factory):
             "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
             "--worker-extension-cls", "tools.testing.ForwardCounter"]
     # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
-    with LadeServer(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+    with lade_server(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         yield server
         print(f"\nserver log: {log}")
 
