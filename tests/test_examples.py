@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LADE_TREES, greedy_texts
+from helpers import LADE_TREES, greedy_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import close_llm, make_llm
+from helpers import close_llm, make_llm
 from tools import prompts
 
 

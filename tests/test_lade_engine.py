@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
+from helpers import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
 from tools import measure, prompts
 
 N_PROMPTS = 24

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from serve_util import MODEL_NAME, lade_server
+from helpers import lade_server
+from tools.server import MODEL_NAME
 
 MAX_MODEL_LEN = 512
 BUDGET = 128  # --max-num-batched-tokens: a 440-token prompt takes 4 chunks; trees are truncated

@@ -3,7 +3,7 @@ of trees, max_model_len truncation, aborts and requests joining mid-flight. Outp
 vanilla greedy (float32), and per-request state must be freed."""
 import pytest
 
-from conftest import LADE_TREES, close_llm, make_llm
+from helpers import LADE_TREES, close_llm, make_llm
 from tools import prompts
 
 MAX_MODEL_LEN = 1024

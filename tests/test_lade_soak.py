@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import FULL
+from helpers import FULL, lade_server
 from tools import prompts
-from serve_util import MODEL_NAME, lade_server
-from tools.server import Server
+from tools.server import MODEL_NAME, Server
 
 CLIENTS, REQUESTS, NUM_PROMPTS = (32, 200, 24) if FULL else (8, 40, 10)
 MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 24, 48, 64)

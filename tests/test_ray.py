@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LADE_TREES, close_llm, make_llm
+from helpers import LADE_TREES, close_llm, make_llm
 
 TESTS = Path(__file__).resolve().parent
 MAX_TOKENS = 48
@@ -28,7 +28,7 @@ def _prompts(tokenizer):
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    # workers import conftest (the actor's engine helper) from here and tools from the repo root
+    # workers import helpers (the actor's engine helper) from here and tools from the repo root
     path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent),
                                        os.environ.get("PYTHONPATH", "")) if p)
     # Ray's memory monitor kills workers when the whole machine passes 95% memory; the test
@@ -66,7 +66,7 @@ class _LadeEngineActor:
     """A lade engine living in a Ray actor process."""
 
     def __init__(self, model: str):
-        from conftest import make_llm as make
+        from helpers import make_llm as make
         # adaptive off: the comparison needs the same trees in both processes
         self.llm = make(model, speculative_config={"method": "lade", "adaptive": False})
 
@@ -80,7 +80,7 @@ class _LadeEngineActor:
                 "tokens_per_step": r.tokens_per_step, "accepted": r.accepted}
 
     def close(self):
-        from conftest import close_llm as close
+        from helpers import close_llm as close
         close(self.llm)
         return True
 

@@ -10,7 +10,7 @@ crosses it mid-generation.
 """
 import pytest
 
-from conftest import FULL, LADE_TREES, NGRAM_CONFIG, close_llm, make_llm
+from helpers import FULL, LADE_TREES, NGRAM_CONFIG, close_llm, make_llm
 
 MAX_TOKENS = 48
 WINDOW = 512
