@@ -37,8 +37,9 @@ model: $(MODEL_STAMP)
 demo: setup
 	$(PY) -m tools.demo
 
+# --durations: the 15 slowest tests (CI must stay under 45 minutes)
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # Full-size soak and benchmark parts (CI runs bounded versions).
 test-full: setup
