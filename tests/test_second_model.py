@@ -97,6 +97,11 @@ def test_gemma3_ngram_tokens_per_step(gemma_dir, gemma_prompts, gemma_vanilla):
     ngram = _run_engine(gemma_dir, "ngram", gemma_prompts, speculative_config=NGRAM_CONFIG)
     assert ngram.token_ids == gemma_vanilla.token_ids
     print(f"\nGemma 3 270M tokens/step: ngram {ngram.tokens_per_step:.2f}")
+    # prompt lookup found drafts in these code and text prompts and vLLM accepted some: more than
+    # one token per step, and at most the k drafts plus the bonus token
+    counts = f"drafts {ngram.drafts}, accepted {ngram.accepted}, tokens {ngram.num_tokens}"
+    assert ngram.drafts > 0 and ngram.accepted > 0, counts
+    assert 1.0 < ngram.tokens_per_step <= NGRAM_CONFIG["num_speculative_tokens"] + 1, counts
 
 
 @pytest.mark.slow

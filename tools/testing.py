@@ -63,4 +63,5 @@ class ForwardCounter:
                  for name, m in (("plain_ms", pol.cost_plain), ("tree_ms", pol.cost_tree))}
         return {"stats": dict(driver.stats), "history": list(pol.history),
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
-                **costs}
+                # per level: its tokens estimate comes from observed steps (not the prior)
+                "measured": [e.weight > 0 for e in pol.tokens], **costs}
