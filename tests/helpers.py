@@ -47,7 +47,7 @@ def greedy_texts(llm, prompts, max_tokens: int):
     return [(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
 
 
-def lade_server(model_dir: str, extra_args: list[str], log_path, **kwargs):
+def start_server(model_dir: str, extra_args: list[str], log_path, **kwargs):
     """A `vllm serve` subprocess (tools.server.Server) with the test defaults and ``extra_args``."""
     from tools.server import Server
     return Server(model_dir, [*SERVER_ARGS, *extra_args], log_path, **kwargs)

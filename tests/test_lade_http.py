@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import lade_server
+from helpers import start_server
 from tools.server import MODEL_NAME
 
 MAX_MODEL_LEN = 512
@@ -85,7 +85,7 @@ def http_server(model_dir, cases, tmp_path_factory):
             "--max-num-seqs", "4", "--max-num-batched-tokens", str(BUDGET),
             "--enable-chunked-prefill"]
     # 1 GiB of KV cache is plenty here (max_model_len 512) and spares the shared machine's memory
-    with lade_server(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+    with start_server(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         yield server
 
 

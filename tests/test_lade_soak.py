@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import FULL, lade_server
+from helpers import FULL, start_server
 from tools import prompts
 from tools.server import MODEL_NAME, Server
 
@@ -151,7 +151,7 @@ def soak_server(model_dir, references, tmp_path_factory):
             "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
             "--worker-extension-cls", "tools.testing.ForwardCounter"]
     # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
-    with lade_server(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+    with start_server(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         yield server
         print(f"\nserver log: {log}")
 

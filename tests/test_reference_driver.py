@@ -6,15 +6,13 @@ same); ``LADE_FULL=1``: 10 x 128.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from helpers import FULL
 from lade_vllm.proposer import build_step_trees
 from tools.reference import keep_cache_rows, lookahead_generate, tree_attention_mask
 
-FULL = os.environ.get("LADE_FULL") == "1"
 NUM_PROMPTS, MAX_NEW = (10, 128) if FULL else (10, 64)
 W, N, G = 7, 5, 7
 
