@@ -4,6 +4,10 @@
     llm.collective_rpc("lade_count_forwards")      # install counters
     ... generate ...
     llm.collective_rpc("lade_forward_counts")      # -> [{"steps": .., "per_step": {..}, ...}]
+
+vLLM imports the class by name in its engine processes, so the repository root must be on their
+path: pytest puts it on sys.path (pyproject's ``pythonpath``), which vLLM's engine processes
+inherit, and tools.server puts it on a server subprocess's PYTHONPATH.
 """
 from __future__ import annotations
 
