@@ -12,7 +12,7 @@ MAX_TOKENS = 48
 def lade_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--max-model-len", "2048", "--max-num-seqs", "4", "--speculative-config", "lade"]
-    with start_server(model_dir, args, log, startup_s=300) as server:
+    with start_server(model_dir, args, log) as server:
         yield server.base_url, log
 
 
