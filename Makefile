@@ -26,18 +26,20 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from transformers.models.llama.configuration_llama import LlamaConfig; import vllm, lade_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-# The offline SmolLM2-135M model, converted once into ~/.cache/lade-vllm (see lade_vllm/models.py).
+# The offline SmolLM2-135M model, converted once into ~/.cache/lade-vllm (see tools/models.py;
+# tools/ is the dev tooling at the repository root, not installed: run as a module from here).
 $(MODEL_STAMP): $(STAMP)
-	$(PY) -m lade_vllm.models
+	$(PY) -m tools.models
 	touch $@
 
 model: $(MODEL_STAMP)
 
 demo: setup
-	$(PY) -m lade_vllm.demo
+	$(PY) -m tools.demo
 
+# --durations: the 15 slowest tests (CI must stay under 45 minutes)
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # Full-size soak and benchmark parts (CI runs bounded versions).
 test-full: setup

@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
+
 for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": "4", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -49,15 +52,15 @@ def run_method(name: str, args) -> list[dict]:
     """All datasets and batch sizes of one method, in this process (one engine)."""
     from vllm import LLM, SamplingParams
 
-    from lade_vllm import measure, prompts
-    from lade_vllm.models import model_path
+    from tools import measure, prompts
+    from tools.models import model_path
 
     batches = [int(b) for b in args.batches.split(",")]
     spec = METHODS[name]
     t0 = time.perf_counter()
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=max(batches), max_model_len=2048,
               seed=0, speculative_config=spec, disable_log_stats=False,
-              worker_extension_cls="lade_vllm.testing.ForwardCounter")
+              worker_extension_cls="tools.testing.ForwardCounter")
     print(f"  [{name}] engine up in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     is_lade = isinstance(spec, str) or (isinstance(spec, dict) and spec.get("method") == "lade")

@@ -30,7 +30,8 @@ for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS
                "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
 
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -121,9 +122,9 @@ def _profile_one(args) -> dict:
     instrument()
     from vllm import LLM, SamplingParams
 
-    from lade_vllm import measure, prompts
-    from lade_vllm.demo import METHODS
-    from lade_vllm.models import model_path
+    from tools import measure, prompts
+    from tools.demo import METHODS
+    from tools.models import model_path
 
     name = args.one
     spec = METHODS[name]

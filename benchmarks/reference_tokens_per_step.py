@@ -1,4 +1,4 @@
-"""Tokens per step of the Hugging Face reference lookahead loop (``lade_vllm.reference``), and its
+"""Tokens per step of the Hugging Face reference lookahead loop (``tools.reference``), and its
 exactness against plain greedy decoding.
 
     python benchmarks/reference_tokens_per_step.py [--n 10] [--max-new-tokens 128] [--threads 1]
@@ -7,7 +7,7 @@ exactness against plain greedy decoding.
 MT-bench (chat-templated) and HumanEval, first ``--n`` prompts each, greedy, float32, batch 1, for
 (N, W, G) in (4, 5, 5), (5, 7, 7), (5, 15, 15), with and without the prompt n-gram pool.
 tokens/step = generated tokens / model forwards over the set, the prefill counting as a step (the
-definition of ``lade_vllm.measure.RunResult.tokens_per_step``); identical = outputs equal to plain
+definition of ``tools.measure.RunResult.tokens_per_step``); identical = outputs equal to plain
 greedy token for token. The window's random initial tokens (``seed``) move tokens/step by up to
 ~0.1 on 10 prompts, so compare implementations over several seeds. Prints a markdown table (rows
 also go to stderr as they finish).
@@ -18,6 +18,9 @@ import argparse
 import os
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,9 +61,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lade_vllm import prompts
-    from lade_vllm.models import model_path
-    from lade_vllm.reference import lookahead_generate
+    from tools import prompts
+    from tools.models import model_path
+    from tools.reference import lookahead_generate
 
     path = model_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -30,12 +30,13 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
+
+from tools.server import Server  # noqa: E402
 
 for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -58,73 +59,18 @@ def log(msg: str) -> None:
     print(f"[serve_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vllm serve MODEL <extra>` as a subprocess on 127.0.0.1, awaited on /health."""
-
-    def __init__(self, model_dir: str, extra: list[str], args, log_path: str):
-        self.port = free_port()
-        self.root = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
-               "--max-model-len", str(args.max_model_len), "--seed", "0", *extra]
-        if not args.compile:
-            cmd.append("--enforce-eager")
-        self.cmd = cmd
-        with open(log_path, "w") as out:
-            # own process group: the engine core and its worker go down with the server
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ), start_new_session=True)
-        t0 = time.perf_counter()
-        deadline = t0 + args.startup_timeout
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            if self.healthy():
-                self.startup_s = time.perf_counter() - t0
-                return
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not healthy in {args.startup_timeout} s:\n{self.log_tail()}")
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.root + "/health", timeout=3) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def log_text(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_text()[-n:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass  # e.g. still compiling: SIGTERM is not handled yet
-        try:  # whatever is left of the group (engine core, worker), then the server itself
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(timeout=30)
+def server_args(extra: list[str], args) -> list[str]:
+    """`vllm serve` arguments of one method's server (model, host and port come from Server)."""
+    out = ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+           "--max-model-len", str(args.max_model_len), "--seed", "0", *extra]
+    if not args.compile:
+        out.append("--enforce-eager")
+    return out
 
 
 def write_dataset(path: str) -> int:
     """MT-bench first turns as a `--dataset-name custom` JSONL file ({"prompt": ...} per line)."""
-    from lade_vllm import prompts
+    from tools import prompts
     questions = prompts.mtbench_questions()
     with open(path, "w") as f:
         for q in questions:
@@ -289,7 +235,7 @@ def main(argv=None) -> dict:
             p.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     rates = parse_rates(args.rates)
 
-    from lade_vllm.models import model_path
+    from tools.models import model_path
     model_dir = str(model_path())
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = args.out or os.path.join(RESULTS, f"serve-{stamp}")
@@ -312,8 +258,9 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
     for method in methods:
         log(f"[{method}] starting server ({' '.join(METHODS[method]) or 'plain'})")
-        server = Server(model_dir, METHODS[method], args,
-                        os.path.join(raw_dir, f"{method}-server.log"))
+        server = Server(model_dir, server_args(METHODS[method], args),
+                        os.path.join(raw_dir, f"{method}-server.log"),
+                        startup_s=args.startup_timeout, served_name=SERVED_NAME)
         try:
             log(f"[{method}] server healthy in {server.startup_s:.0f} s on port {server.port}")
             servers[method] = {"cmd": server.cmd, "startup_s": server.startup_s}

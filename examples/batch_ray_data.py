@@ -15,10 +15,18 @@ Needs ``pip install 'lade-vllm[examples]'`` (Ray Data needs pyarrow and pandas).
 import argparse
 import json
 import os
+import sys
 
 # vLLM on CPU otherwise reserves most of the machine's memory for the KV cache (GiB; GPUs ignore it)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 import uuid
+
+
+def offline_model() -> str:
+    """The repository's offline SmolLM2 folder (tools/models.py, prepared on first use)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.models import model_path
+    return model_path()
 
 
 class LadeGenerator:
@@ -35,8 +43,9 @@ class LadeGenerator:
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
     def _accepted(self) -> float:
-        from lade_vllm.measure import spec_counters
-        return spec_counters(self.llm)["accepted"]
+        """Draft tokens accepted so far: vLLM's spec-decode counter."""
+        return sum(float(m.value) for m in self.llm.get_metrics()
+                   if m.name == "vllm:spec_decode_num_accepted_tokens")
 
     def __call__(self, batch: dict) -> dict:
         prompts = [str(p) for p in batch["prompt"]]
@@ -71,8 +80,6 @@ def main() -> None:
 
     import ray
 
-    from lade_vllm.models import model_path
-
     if args.lade == "none":
         spec = None
     else:
@@ -97,7 +104,7 @@ def main() -> None:
             ds = ray.data.read_text(args.prompt_file).rename_columns({"text": "prompt"})
         ds = ds.map_batches(
             LadeGenerator,
-            fn_constructor_kwargs=dict(model=args.model or model_path(), speculative_config=spec,
+            fn_constructor_kwargs=dict(model=args.model or offline_model(), speculative_config=spec,
                                        max_tokens=args.max_tokens, dtype=args.dtype,
                                        max_num_seqs=args.batch_size),
             batch_size=args.batch_size, concurrency=args.replicas, num_cpus=1)

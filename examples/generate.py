@@ -11,11 +11,25 @@ speculation).
 import argparse
 import json
 import os
+import sys
 
 # vLLM on CPU otherwise reserves most of the machine's memory for the KV cache (GiB; GPUs ignore it)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "The three primary colors are"]
+
+
+def offline_model() -> str:
+    """The repository's offline SmolLM2 folder (tools/models.py, prepared on first use)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.models import model_path
+    return model_path()
+
+
+def accepted_tokens(llm) -> float:
+    """Draft tokens accepted so far: vLLM's spec-decode counter (needs disable_log_stats=False)."""
+    return sum(float(m.value) for m in llm.get_metrics()
+               if m.name == "vllm:spec_decode_num_accepted_tokens")
 
 
 def main() -> None:
@@ -31,17 +45,13 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from lade_vllm.measure import spec_counters
-    from lade_vllm.models import model_path
-
     spec = json.loads(args.lade) if args.lade.lstrip().startswith("{") else args.lade
-    llm = LLM(model=args.model or model_path(), dtype=args.dtype, speculative_config=spec,
+    llm = LLM(model=args.model or offline_model(), dtype=args.dtype, speculative_config=spec,
               enforce_eager=True, max_model_len=2048, seed=0,
               disable_log_stats=False)  # keeps the spec-decode counters that tokens/step uses
     outputs = llm.generate(args.prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    counters = spec_counters(llm)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    steps = tokens - counters["accepted"]  # each step emits one target token + accepted drafts
+    steps = tokens - accepted_tokens(llm)  # each step emits one target token + accepted drafts
     result = {"texts": [o.outputs[0].text for o in outputs],
               "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
               "tokens": tokens, "tokens_per_step": tokens / steps if steps else 0.0}

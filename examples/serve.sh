@@ -11,7 +11,9 @@ set -euo pipefail
 PYTHON="${PYTHON:-python}"
 # vLLM on CPU otherwise reserves most of the machine's memory for the KV cache (GiB; GPUs ignore it)
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
-MODEL="${MODEL:-$("$PYTHON" -m lade_vllm.models)}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# the offline SmolLM2 folder from the repository's dev tooling (tools/models.py)
+MODEL="${MODEL:-$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tools.models)}"
 exec "$PYTHON" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL" --served-model-name "${SERVED_NAME:-lade-model}" \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" \

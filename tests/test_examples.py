@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LADE_TREES, greedy_texts
+from helpers import LADE_TREES, greedy_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -37,7 +37,7 @@ def _last_json(out: str) -> dict:
 
 
 def _code_prompts(n):
-    from lade_vllm import prompts
+    from tools import prompts
     return prompts.load("humaneval", n)
 
 
@@ -112,7 +112,7 @@ def test_serve_and_client_examples(model_dir, vanilla_llm, tokenizer, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
     got = _last_json(out)
-    from lade_vllm import prompts as prompt_sets
+    from tools import prompts as prompt_sets
     templated = prompt_sets.chat_prompts([question], tokenizer)[0]
     (want_completion, _), (want_chat, _) = greedy_texts(vanilla_llm, [prompt, templated],
                                                         MAX_TOKENS)

@@ -2,8 +2,8 @@
 greedy decoding (the same bar lade must meet)."""
 import pytest
 
-from conftest import NGRAM_CONFIG, close_llm, greedy_texts, make_llm
-from lade_vllm import prompts
+from helpers import NGRAM_CONFIG, close_llm, greedy_texts, make_llm
+from tools import prompts
 
 MAX_TOKENS = 96
 

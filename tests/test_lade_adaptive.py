@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import close_llm, make_llm
-from lade_vllm import prompts
+from helpers import close_llm, make_llm
+from lade_vllm.config import LadeConfig
+from tools import prompts
 
 
 @pytest.fixture(scope="module")
@@ -13,30 +14,38 @@ def adaptive_lade(model_dir):
     # explore every 2 steps, any level, so that one short run visits every level
     llm = make_llm(model_dir, speculative_config={"method": "lade", "adaptive_explore_every": 2,
                                                   "adaptive_explore_margin": 0.0},
-                   max_num_seqs=8, worker_extension_cls="lade_vllm.testing.ForwardCounter")
+                   max_num_seqs=8, worker_extension_cls="tools.testing.ForwardCounter")
     yield llm
     close_llm(llm)
 
 
 def test_adaptive_levels_switch_and_outputs_identical(adaptive_lade, vanilla_llm, tokenizer):
     from vllm import SamplingParams
+
+    from tools import measure
     ps = prompts.load("mtbench", 12, tokenizer) + prompts.load("humaneval", 4, tokenizer)
     sp = SamplingParams(temperature=0.0, max_tokens=48)
     want = vanilla_llm.generate(ps, sp, use_tqdm=False)
-    got = adaptive_lade.generate(ps, sp, use_tqdm=False)
-    for w, g in zip(want, got):
-        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids)
+    got = measure.generate(adaptive_lade, "lade-adaptive", ps, sp)
+    assert got.token_ids == [list(w.outputs[0].token_ids) for w in want]
     policy = adaptive_lade.collective_rpc("lade_policy")[0]
-    assert all(n > 0 for n in policy["history"]), policy  # off, lookup and full all ran
-    # levels that ran measured what they delivered (at least one token per step)
-    assert all(t >= 1.0 for t in policy["tokens"]), policy
+    assert all(n > 0 for n in policy["history"]), policy  # every level ran
+    # every level that ran measured what it delivered: its estimate comes from its own steps, and
+    # lies between one token per step (the target's own) and a whole n-gram candidate accepted
+    # plus the bonus token
+    assert all(policy["measured"]), policy
+    assert all(1.0 <= t <= LadeConfig().ngram_size for t in policy["tokens"]), policy
+    # vLLM counted accepted drafts, and the policy saw them: some level measured more than one
+    # token per step
+    assert got.accepted > 0, (got.accepted, got.drafts)
+    assert max(policy["tokens"]) > 1.0, policy
 
 
 def test_per_request_caps_are_honoured_and_exact(adaptive_lade, vanilla_llm, tokenizer):
     """extra_args={"lade": {...}} caps a request's tree: one candidate of one token per step."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     ps = prompts.load("humaneval", 6, tokenizer)
     caps = {"window_size": 2, "ngram_size": 2, "guess_set_size": 1}
     sp = SamplingParams(temperature=0.0, max_tokens=40, extra_args={"lade": caps})
@@ -52,7 +61,7 @@ def test_seeded_sampling_reproducible_with_adaptive_policy(adaptive_lade, tokeni
     sampled requests are pinned to the full tree and must give the same text every run."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     ps = prompts.load("humaneval", 4, tokenizer) + prompts.load("mtbench", 4, tokenizer)
     seeded = [SamplingParams(temperature=0.4, top_p=0.95, max_tokens=40, seed=11 + i)
               for i in range(len(ps))]

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from conftest import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
-from lade_vllm import measure, prompts
+from helpers import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
+from tools import measure, prompts
 
 N_PROMPTS = 24
 MAX_TOKENS = 128 if FULL else 64
@@ -28,7 +28,7 @@ def reference(vanilla_llm, prompt_sets):
 @pytest.fixture(scope="module")
 def lade_batch8(model_dir):
     llm = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=8, disable_log_stats=False,
-                   worker_extension_cls="lade_vllm.testing.ForwardCounter")
+                   worker_extension_cls="tools.testing.ForwardCounter")
     yield llm
     close_llm(llm)
 

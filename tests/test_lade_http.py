@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from serve_util import MODEL_NAME, LadeServer
+from helpers import start_server
+from tools.server import MODEL_NAME
 
 MAX_MODEL_LEN = 512
 BUDGET = 128  # --max-num-batched-tokens: a 440-token prompt takes 4 chunks; trees are truncated
@@ -43,7 +44,7 @@ def cases(vanilla_llm, tokenizer):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from lade_vllm import prompts
+    from tools import prompts
     eos = tokenizer.eos_token_id
     # EOS as first token: the first completed conversation whose greedy next token is EOS
     candidates = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -84,7 +85,7 @@ def http_server(model_dir, cases, tmp_path_factory):
             "--max-num-seqs", "4", "--max-num-batched-tokens", str(BUDGET),
             "--enable-chunked-prefill"]
     # 1 GiB of KV cache is plenty here (max_model_len 512) and spares the shared machine's memory
-    with LadeServer(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+    with start_server(model_dir, args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         yield server
 
 

@@ -23,8 +23,8 @@ from collections import Counter
 
 import pytest
 
-from conftest import FULL, LADE_TREES, close_llm, make_llm
-from lade_vllm import measure, prompts
+from helpers import FULL, LADE_TREES, close_llm, make_llm
+from tools import measure, prompts
 
 NUM_SAMPLES = 1000 if FULL else 120
 SAMPLE_LEN = 8
@@ -262,7 +262,7 @@ def test_only_lade_admits_min_p_and_logit_bias(model_dir):
     from vllm.exceptions import VLLMValidationError
 
     import lade_vllm
-    from conftest import NGRAM_CONFIG
+    from helpers import NGRAM_CONFIG
     lade_vllm.register()
     for spec, procs_want, admitted in (
             (dict(LADE_TREES), {"MinPLogitsProcessor", "LogitBiasLogitsProcessor",

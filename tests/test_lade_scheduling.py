@@ -3,8 +3,8 @@ of trees, max_model_len truncation, aborts and requests joining mid-flight. Outp
 vanilla greedy (float32), and per-request state must be freed."""
 import pytest
 
-from conftest import LADE_TREES, close_llm, make_llm
-from lade_vllm import prompts
+from helpers import LADE_TREES, close_llm, make_llm
+from tools import prompts
 
 MAX_MODEL_LEN = 1024
 
@@ -16,7 +16,7 @@ def tight_lade(model_dir):
     llm = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=8, max_model_len=MAX_MODEL_LEN,
                    num_gpu_blocks_override=10, enable_chunked_prefill=True,
                    max_num_batched_tokens=160,
-                   worker_extension_cls="lade_vllm.testing.ForwardCounter")
+                   worker_extension_cls="tools.testing.ForwardCounter")
     yield llm
     close_llm(llm)
 

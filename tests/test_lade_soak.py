@@ -10,7 +10,7 @@ clients, mid-stream aborts and KV-cache preemption.
   process tree (API server + engine core) stays within RSS_BOUND of its value before the soak;
   the server stays healthy and still answers exactly; and the worker holds no lookahead state
   (pool + window) for any finished, aborted or preempted request (read over vLLM's dev-mode
-  /collective_rpc through lade_vllm.testing.ForwardCounter).
+  /collective_rpc through tools.testing.ForwardCounter).
 
 CI size: 8 clients, 40 requests. Full size (`make soak`, LADE_FULL=1): 32 clients, 200 requests.
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import FULL
-from lade_vllm import prompts
-from serve_util import MODEL_NAME, LadeServer
+from helpers import FULL, start_server
+from tools import prompts
+from tools.server import MODEL_NAME, Server
 
 CLIENTS, REQUESTS, NUM_PROMPTS = (32, 200, 24) if FULL else (8, 40, 10)
 MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 24, 48, 64)
@@ -103,7 +103,7 @@ def stream_one(client, prompt: str, job: Job) -> Result:
     return Result(job, "done", "".join(text), tuple(ids), finish)
 
 
-def run_jobs(server: LadeServer, prompt_texts: list[str], jobs: list[Job],
+def run_jobs(server: Server, prompt_texts: list[str], jobs: list[Job],
              clients: int) -> list[Result]:
     local = threading.local()
 
@@ -149,9 +149,9 @@ def soak_server(model_dir, references, tmp_path_factory):
     log = tmp_path_factory.mktemp("soak") / "server.log"
     args = ["--speculative-config", SPEC, "--max-model-len", "1024",
             "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
-            "--worker-extension-cls", "lade_vllm.testing.ForwardCounter"]
+            "--worker-extension-cls", "tools.testing.ForwardCounter"]
     # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
-    with LadeServer(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+    with start_server(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         yield server
         print(f"\nserver log: {log}")
 

@@ -14,22 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LADE_TREES, close_llm, make_llm
+from helpers import LADE_TREES, close_llm, make_llm
 
 TESTS = Path(__file__).resolve().parent
 MAX_TOKENS = 48
 
 
 def _prompts(tokenizer):
-    from lade_vllm import prompts
+    from tools import prompts
     return prompts.load("humaneval", 4) + prompts.load("mtbench", 2, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    # workers need this directory on their path to import conftest (the actor's engine helper)
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    # workers import helpers (the actor's engine helper) from here and tools from the repo root
+    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent),
+                                       os.environ.get("PYTHONPATH", "")) if p)
     # Ray's memory monitor kills workers when the whole machine passes 95% memory; the test
     # session's other engines count there too, so it is left to the kernel (raylet reads this).
     saved = os.environ.get("RAY_memory_monitor_refresh_ms")
@@ -53,7 +54,7 @@ def lade_here(model_dir, tokenizer):
     """Reference: the same lade engine in this process, default executor."""
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     llm = make_llm(model_dir, speculative_config=dict(LADE_TREES))
     result = measure.generate(llm, "lade", _prompts(tokenizer),
                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
@@ -65,21 +66,21 @@ class _LadeEngineActor:
     """A lade engine living in a Ray actor process."""
 
     def __init__(self, model: str):
-        from conftest import make_llm as make
+        from helpers import make_llm as make
         # adaptive off: the comparison needs the same trees in both processes
         self.llm = make(model, speculative_config={"method": "lade", "adaptive": False})
 
     def generate(self, prompts, max_tokens):
         from vllm import SamplingParams
 
-        from lade_vllm import measure
+        from tools import measure
         r = measure.generate(self.llm, "lade", prompts,
                              SamplingParams(temperature=0.0, max_tokens=max_tokens))
         return {"pid": os.getpid(), "token_ids": r.token_ids,
                 "tokens_per_step": r.tokens_per_step, "accepted": r.accepted}
 
     def close(self):
-        from conftest import close_llm as close
+        from helpers import close_llm as close
         close(self.llm)
         return True
 
@@ -121,7 +122,7 @@ def test_ray_executor_matches_default_executor(ray_local, model_dir, tokenizer, 
     from vllm import SamplingParams
     from vllm.platforms import current_platform
 
-    from lade_vllm import measure
+    from tools import measure
     if not current_platform.ray_device_key:
         pytest.skip(f"vLLM's Ray executor does not run on {current_platform.device_name}")
     prompts = _prompts(tokenizer)

@@ -1,4 +1,4 @@
-"""The Hugging Face reference lookahead loop (``lade_vllm.reference``) against plain HF greedy
+"""The Hugging Face reference lookahead loop (``tools.reference``) against plain HF greedy
 decoding, float32, on the offline SmolLM2 model.
 
 Sizes: 10 MT-bench prompts x 64 new tokens (~2.5 min on 2 shared cores, so ``CI=true`` runs the
@@ -6,15 +6,13 @@ same); ``LADE_FULL=1``: 10 x 128.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from helpers import FULL
 from lade_vllm.proposer import build_step_trees
-from lade_vllm.reference import keep_cache_rows, lookahead_generate, tree_attention_mask
+from tools.reference import keep_cache_rows, lookahead_generate, tree_attention_mask
 
-FULL = os.environ.get("LADE_FULL") == "1"
 NUM_PROMPTS, MAX_NEW = (10, 128) if FULL else (10, 64)
 W, N, G = 7, 5, 7
 
@@ -32,7 +30,7 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
-    from lade_vllm import prompts
+    from tools import prompts
     return [torch.tensor(tokenizer(p).input_ids)
             for p in prompts.load("mtbench", NUM_PROMPTS, tokenizer)]
 

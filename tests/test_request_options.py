@@ -3,7 +3,7 @@ rejection at request admission in the front-end (lade_vllm.overrides #8) so that
 fails alone while the engine keeps serving the others."""
 import pytest
 
-from conftest import close_llm, make_llm
+from helpers import close_llm, make_llm
 from lade_vllm.config import LadeConfig
 from lade_vllm.request_options import LadeRequestError, RequestOptions, parse_request_options
 
@@ -121,7 +121,7 @@ def lade_llm(model_dir):
 def test_offline_bad_options_fail_alone(lade_llm, vanilla_llm, tokenizer):
     from vllm import SamplingParams
 
-    from lade_vllm import prompts
+    from tools import prompts
     ps = prompts.load("mtbench", 3, tokenizer)
 
     def sp(lade=None):

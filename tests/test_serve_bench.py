@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FULL
+from helpers import FULL
 
 pytestmark = pytest.mark.skipif(
     not FULL and os.environ.get("LADE_SERVE_BENCH") != "1",

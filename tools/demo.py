@@ -1,15 +1,15 @@
 """`make demo`: lade on the offline model over real MT-bench prompts, against vanilla decoding and
 vLLM's ngram, side by side in one run: tokens/s, tokens/step, identical-output count, a sample.
-    python -m lade_vllm.demo [--prompts 10] [--max-tokens 128] [--dtype bfloat16]
+    python -m tools.demo [--prompts 10] [--max-tokens 128] [--dtype bfloat16]
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-for _k, _v in {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_k, _v)
+#: set (unless already set) before vLLM is imported: CPU platform, no hub access, 2 GiB KV cache
+ENV_DEFAULTS = {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
 
 METHODS = {
     "vanilla": None,
@@ -28,11 +28,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args(argv)
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
     from vllm import LLM, SamplingParams
 
-    from lade_vllm import measure, prompts
-    from lade_vllm.models import model_path
+    from tools import measure, prompts
+    from tools.models import model_path
 
     model = model_path()
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)

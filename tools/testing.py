@@ -1,9 +1,13 @@
 """Instrumentation for tests: a vLLM worker extension that counts model forwards per engine step.
 
-    LLM(..., worker_extension_cls="lade_vllm.testing.ForwardCounter")
+    LLM(..., worker_extension_cls="tools.testing.ForwardCounter")
     llm.collective_rpc("lade_count_forwards")      # install counters
     ... generate ...
     llm.collective_rpc("lade_forward_counts")      # -> [{"steps": .., "per_step": {..}, ...}]
+
+vLLM imports the class by name in its engine processes, so the repository root must be on their
+path: pytest puts it on sys.path (pyproject's ``pythonpath``), which vLLM's engine processes
+inherit, and tools.server puts it on a server subprocess's PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -63,4 +67,5 @@ class ForwardCounter:
                  for name, m in (("plain_ms", pol.cost_plain), ("tree_ms", pol.cost_tree))}
         return {"stats": dict(driver.stats), "history": list(pol.history),
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
-                **costs}
+                # per level: its tokens estimate comes from observed steps (not the prior)
+                "measured": [e.weight > 0 for e in pol.tokens], **costs}

