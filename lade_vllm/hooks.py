@@ -1,9 +1,9 @@
-"""The two classes vLLM instantiates for lade (installed by lade_vllm.overrides):
+"""The two classes vLLM's runner uses for lade (lade_vllm.adapter.runtime builds the sampler):
 
 - ``LadeProposer``: the ``custom_class`` drafter (``speculative_config.model``). vLLM 0.32 builds it
   in ``GPUModelRunner.__init__`` and calls ``propose(...)`` after each step's bookkeeping
   (``GPUModelRunner.propose_draft_token_ids``); it forwards to the runner's ``LadeDriver``.
-- ``LadeRejectionSampler``: replaces ``GPUModelRunner.rejection_sampler``. Tree requests are verified by
+- ``LadeRejectionSampler``: built in place of ``GPUModelRunner.rejection_sampler``. Tree requests are verified by
   the driver (lookahead tree verification, exact for greedy and sampled requests); vLLM's own
   ``Sampler`` samples every other request (requests lade does not speculate: penalties, bad
   words, ...) exactly as in a step without speculation.
@@ -22,7 +22,7 @@ class LadeProposer:
     def __init__(self, vllm_config):
         extra = vllm_config.additional_config or {}
         self.cfg = LadeConfig.from_user(extra.get("lade", "lade"))
-        self.driver = None  # set by overrides after the runner is built
+        self.driver = None  # set by the GPUModelRunner.__init__ patch once the runner is built
 
     def load_model(self, *args, **kwargs) -> None:  # vLLM CPU calls this unconditionally
         return None
@@ -42,7 +42,10 @@ class LadeRejectionSampler(RejectionSampler):
     does not verify gets exactly vanilla's token and logprobs; (3) the tree requests' rows of
     ``sampled_token_ids`` and ``logprobs_tensors`` are written from the verification
     (``TreeOutput.write``)."""
-    driver = None
+
+    def __init__(self, sampler, driver, spec_config=None, device=None):
+        super().__init__(sampler, spec_config, device)
+        self.driver = driver
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         driver = self.driver

@@ -36,7 +36,7 @@ def test_accepted_forms():
 def test_translation_to_vllm_config(model_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from lade_vllm.overrides import PROPOSER_PATH, _translate_spec
+    from lade_vllm.adapter.frontend import PROPOSER_PATH, _translate_spec
     args = EngineArgs(model=model_dir, speculative_config={"method": "lade", "window_size": 3,
                                                       "ngram_size": 4, "guess_set_size": 2})
     _translate_spec(args)
