@@ -12,7 +12,7 @@ import functools
 from lade_vllm.adapter.patches import Patch
 
 #: the class vLLM instantiates as lade's drafter (``SpeculativeConfig.model`` of custom_class)
-PROPOSER_PATH = "lade_vllm.hooks.LadeProposer"
+PROPOSER_PATH = "lade_vllm.adapter.runner.LadeDraftSlot"
 
 
 def _translate_spec(engine_args) -> None:

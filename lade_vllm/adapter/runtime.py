@@ -3,11 +3,11 @@
 What each replacement adds to vLLM 0.32's step (``GPUModelRunner`` = ``vllm.v1.worker.
 gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
 
-* ``GPUModelRunner.__init__``: when lade is the engine's speculative method, build the lade driver
-  and the lade rejection sampler (``lade_vllm.hooks.LadeRejectionSampler``) next to vLLM's.
-* ``GPUModelRunner._prepare_inputs``: after vLLM has built the step's inputs, the driver writes the
+* ``GPUModelRunner.__init__``: when lade is the engine's speculative method, give the runner lade's
+  drafter and rejection sampler, built on a ``LadeRunnerAdapter`` (lade_vllm.adapter.runner.install).
+* ``GPUModelRunner._prepare_inputs``: after vLLM has built the step's inputs, the adapter writes the
   tree positions (p + depth) into ``runner.positions`` and publishes the tree layout for attention.
-  That write into the runner's input buffer is a data write, not a patch: it lives in the driver.
+  That write into the runner's input buffer is a data write, not a patch: it lives in the adapter.
 * ``GPUModelRunner.sample_tokens``: attach the step's per-request count of scheduled window nodes
   to the ``ModelRunnerOutput`` (attribute ``lade_window_nodes``, pickled to the engine core).
 * ``Scheduler.update_from_output``: add those counts to ``SchedulerOutput.num_invalid_spec_tokens``,
@@ -22,28 +22,19 @@ gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
 from __future__ import annotations
 
 import functools
-import logging
 
 from lade_vllm.adapter.patches import Patch
-
-logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
 
 def wrap_runner_init(original):
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        from lade_vllm.hooks import LadeProposer
-        drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, LadeProposer):
-            from lade_vllm.driver import LadeDriver
-            from lade_vllm.hooks import LadeRejectionSampler
-            driver = LadeDriver(drafter.cfg, self)
-            drafter.driver = driver
-            self.rejection_sampler = LadeRejectionSampler(
-                self.sampler, driver, self.speculative_config, self.device)
-            self.lade_driver = driver
-            logger.info("lade: lookahead decoding enabled (%s)", drafter.cfg)
+        from lade_vllm.adapter.frontend import engine_lade_config
+        cfg = engine_lade_config(self.vllm_config)
+        if cfg is not None and getattr(self, "drafter", None) is not None:
+            from lade_vllm.adapter.runner import install
+            install(self, cfg)
     return __init__
 
 
@@ -51,9 +42,9 @@ def wrap_prepare_inputs(original):
     @functools.wraps(original)
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
-        driver = getattr(self, "lade_driver", None)
-        if driver is not None:
-            driver.before_forward(scheduler_output)
+        adapter = getattr(self, "lade_driver", None)
+        if adapter is not None:
+            adapter.before_forward(scheduler_output)
         return result
     return _prepare_inputs
 
@@ -62,11 +53,11 @@ def wrap_sample_tokens(original):
     @functools.wraps(original)
     def sample_tokens(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
-        driver = getattr(self, "lade_driver", None)
-        if driver is not None and driver.window_counts and output is not None \
-                and hasattr(output, "req_id_to_index"):
-            output.lade_window_nodes = driver.window_counts
-            driver.window_counts = {}
+        adapter = getattr(self, "lade_driver", None)
+        if adapter is not None and output is not None and hasattr(output, "req_id_to_index"):
+            counts = adapter.take_window_counts()
+            if counts:
+                output.lade_window_nodes = counts
         return output
     return sample_tokens
 
@@ -137,7 +128,7 @@ _GMR = "vllm.v1.worker.gpu_model_runner"
 
 PATCHES = [
     Patch(f"{_GMR}.GPUModelRunner.__init__", wrap_runner_init,
-          why="build lade's driver and rejection sampler when lade is the speculative method"),
+          why="build lade's drafter and rejection sampler when lade is the speculative method"),
     Patch(f"{_GMR}.GPUModelRunner._prepare_inputs", wrap_prepare_inputs,
           why="tree positions (p + depth) and the step's tree layout for attention"),
     Patch(f"{_GMR}.GPUModelRunner.sample_tokens", wrap_sample_tokens,
