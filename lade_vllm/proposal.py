@@ -1,4 +1,4 @@
-"""What one step's proposal looks like between ``LadeDriver.propose`` and ``LadeDriver.verify``:
+"""What one step's proposal looks like between ``LadeEngine.propose`` and ``LadeEngine.accept``:
 the proposed trees in the order vLLM sees their nodes ([root | trie | window] per request), and the
 plan of which of them were scheduled whole."""
 from __future__ import annotations
@@ -35,7 +35,16 @@ class StepPlan:
     prop_idx: list[int] = field(default_factory=list)     # index into the Proposal
     num_nodes: list[int] = field(default_factory=list)    # scheduled nodes incl. root
     full: list[bool] = field(default_factory=list)        # whole tree scheduled
+    query_start: list[int] = field(default_factory=list)  # first token in the flattened batch
     slot_mapping: list[torch.Tensor] = field(default_factory=list)  # per request [groups, n]
+
+    def add(self, batch_idx: int, prop_idx: int, num_nodes: int, full: bool,
+            query_start: int) -> None:
+        self.batch_idx.append(batch_idx)
+        self.prop_idx.append(prop_idx)
+        self.num_nodes.append(num_nodes)
+        self.full.append(full)
+        self.query_start.append(query_start)
 
 
 def ancestor_mask(parent: np.ndarray) -> torch.Tensor:

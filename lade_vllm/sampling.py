@@ -25,7 +25,7 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
 
 vLLM 0.32 refuses min_p and logit_bias requests whenever speculation is configured
 (``SamplingParams._validate_spec_decode``) and then builds only the MinTokens processor
-(``build_logitsprocs``); under lade, ``lade_vllm.overrides`` #10 admits them and builds vLLM's
+(``build_logitsprocs``); under lade, the patch records of lade_vllm.adapter (``SamplingParams._validate_spec_decode``, ``build_logitsprocs``) admit them and builds vLLM's
 builtin processors, so every row vLLM's own ``Sampler`` samples (a request's first token, steps
 without a tree, requests lade does not speculate) honours them as without speculation, and the
 tree rows get the same two operations per node here.
@@ -62,7 +62,7 @@ def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
 
 def _logit_bias_of(sampling_metadata) -> dict:
     """{batch index: {token id: bias}} as vLLM's ``LogitBiasLogitsProcessor`` holds it this step
-    (built under lade by lade_vllm.overrides #10), or {} when there is none."""
+    (built under lade by the ``build_logitsprocs`` record, lade_vllm.adapter.runtime), or {} when there is none."""
     from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
     procs = getattr(sampling_metadata, "logitsprocs", None)
     for proc in (procs.non_argmax_invariant if procs is not None else ()):

@@ -36,12 +36,12 @@ def test_accepted_forms():
 def test_translation_to_vllm_config(model_dir):
     from vllm.engine.arg_utils import EngineArgs
 
-    from lade_vllm.overrides import PROPOSER_PATH, _translate_spec
+    from lade_vllm.adapter.frontend import PROPOSER_PATH, _translate_spec
     args = EngineArgs(model=model_dir, speculative_config={"method": "lade", "window_size": 3,
                                                       "ngram_size": 4, "guess_set_size": 2})
     _translate_spec(args)
     assert args.speculative_config == {"method": "custom_class", "model": PROPOSER_PATH,
-                                       "num_speculative_tokens": 2 + 3 * 2 + 2 * 3}
+                                       "num_speculative_tokens": 2 + 3 * 2 + 2 * 3 + 8}
     assert args.additional_config["lade"]["window_size"] == 3
 
 

@@ -354,20 +354,13 @@ BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"
 
 
 def register_cpu_tree_backend() -> None:
-    """Override ``AttentionBackendEnum.CPU_ATTN`` with the tree backend.
+    """Make ``AttentionBackendEnum.CPU_ATTN`` resolve to the tree backend (no-op when it does).
 
-    Must run in every process that builds a model (plugin entry point),
-    before the model's Attention layers are constructed.
+    Applies the patch record ``lade_vllm.adapter.runtime.CPU_TREE_BACKEND`` (vLLM's
+    ``register_backend``); the plugin entry point applies it in every process, before the
+    model's Attention layers are constructed.
     """
-    from vllm.v1.attention.backends.registry import (
-        AttentionBackendEnum,
-        register_backend,
-    )
+    from lade_vllm.adapter.patches import ensure
+    from lade_vllm.adapter.runtime import CPU_TREE_BACKEND
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-    try:  # drop a resolution cached before registration (selector.py:203)
-        from vllm.v1.attention import selector
-
-        selector._cached_get_attn_backend.cache_clear()
-    except (ImportError, AttributeError):
-        pass
+    ensure(CPU_TREE_BACKEND)

@@ -1,0 +1,141 @@
+"""Patch records for the processes that run the model: vLLM's engine core and its workers.
+
+What each replacement adds to vLLM 0.32's step (``GPUModelRunner`` = ``vllm.v1.worker.
+gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
+
+* ``GPUModelRunner.__init__``: when lade is the engine's speculative method, give the runner lade's
+  drafter and rejection sampler, built on a ``LadeRunnerAdapter`` (lade_vllm.adapter.runner.install).
+* ``GPUModelRunner._prepare_inputs``: after vLLM has built the step's inputs, the adapter writes the
+  tree positions (p + depth) into ``runner.positions`` and publishes the tree layout for attention.
+  That write into the runner's input buffer is a data write, not a patch: it lives in the adapter.
+* ``GPUModelRunner.sample_tokens``: attach the step's per-request count of scheduled window nodes
+  to the ``ModelRunnerOutput`` (attribute ``lade_window_nodes``, pickled to the engine core).
+* ``Scheduler.update_from_output``: add those counts to ``SchedulerOutput.num_invalid_spec_tokens``,
+  which vLLM subtracts from the drafted-token metrics only (``make_spec_decoding_stats``), never
+  from KV bookkeeping: window nodes are not counted as drafted.
+* ``build_logitsprocs`` as imported by ``gpu_model_runner``: under any speculative config vLLM builds
+  only ``MinTokensLogitsProcessor``; for lade, the builtin processors (MinTokens, LogitBias, MinP) as
+  without speculation. The root row goes through vLLM's ``Sampler``; tree rows apply them per node.
+* ``AttentionBackendEnum.CPU_ATTN``: resolves to lade's tree-masked CPU backend
+  (``lade_vllm.attention.cpu_tree``) through vLLM's ``register_backend``.
+"""
+from __future__ import annotations
+
+import functools
+
+from lade_vllm.adapter.patches import Patch
+
+
+def wrap_runner_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from lade_vllm.adapter.frontend import engine_lade_config
+        cfg = engine_lade_config(self.vllm_config)
+        if cfg is not None and getattr(self, "drafter", None) is not None:
+            from lade_vllm.adapter.runner import install
+            install(self, cfg)
+    return __init__
+
+
+def wrap_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        adapter = getattr(self, "lade_driver", None)
+        if adapter is not None:
+            adapter.before_forward(scheduler_output)
+        return result
+    return _prepare_inputs
+
+
+def wrap_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        adapter = getattr(self, "lade_driver", None)
+        if adapter is not None and output is not None and hasattr(output, "req_id_to_index"):
+            counts = adapter.take_window_counts()
+            if counts:
+                output.lade_window_nodes = counts
+        return output
+    return sample_tokens
+
+
+def wrap_update_from_output(original):
+    @functools.wraps(original)
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        window = getattr(model_runner_output, "lade_window_nodes", None)
+        if window:
+            merged = dict(scheduler_output.num_invalid_spec_tokens or {})
+            for req_id, n in window.items():
+                merged[req_id] = merged.get(req_id, 0) + n
+            scheduler_output.num_invalid_spec_tokens = merged
+        return original(self, scheduler_output, model_runner_output, *args, **kwargs)
+    return update_from_output
+
+
+def wrap_build_logitsprocs(original):
+    @functools.wraps(original)
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model,
+                          custom_logitsprocs=(), *args, **kwargs):
+        from lade_vllm.adapter.frontend import engine_lade_config
+        if is_pooling_model or custom_logitsprocs or engine_lade_config(vllm_config) is None:
+            # vLLM's own answer (custom processors under speculation: its ValueError)
+            return original(vllm_config, device, is_pin_memory, is_pooling_model,
+                            custom_logitsprocs, *args, **kwargs)
+        from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
+        # the no-speculation branch of vLLM's build_logitsprocs (no custom processors here)
+        return LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                for ctor in BUILTIN_LOGITS_PROCESSORS)
+    return build_logitsprocs
+
+
+CPU_TREE_BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"
+
+
+def _cpu_attn():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    return AttentionBackendEnum.CPU_ATTN
+
+
+def _read_cpu_attn():
+    """The class path CPU_ATTN is overridden to, or None while it resolves to vLLM's own."""
+    member = _cpu_attn()
+    return member.get_path() if member.is_overridden() else None
+
+
+def _register_cpu_attn() -> None:
+    from vllm.v1.attention.backends.registry import register_backend
+    register_backend(_cpu_attn(), CPU_TREE_BACKEND_PATH)
+    # vLLM memoises backend resolution (vllm.v1.attention.selector._cached_get_attn_backend); a
+    # resolution made before this registration would keep returning vLLM's class
+    try:
+        from vllm.v1.attention import selector
+        selector._cached_get_attn_backend.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+
+
+CPU_TREE_BACKEND = Patch(
+    "vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN", _register_cpu_attn,
+    kind="register", read=_read_cpu_attn, value=CPU_TREE_BACKEND_PATH,
+    undo=lambda: _cpu_attn().clear_override(),
+    why="tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree); also clears "
+        "vllm.v1.attention.selector._cached_get_attn_backend")
+
+_GMR = "vllm.v1.worker.gpu_model_runner"
+
+PATCHES = [
+    Patch(f"{_GMR}.GPUModelRunner.__init__", wrap_runner_init,
+          why="build lade's drafter and rejection sampler when lade is the speculative method"),
+    Patch(f"{_GMR}.GPUModelRunner._prepare_inputs", wrap_prepare_inputs,
+          why="tree positions (p + depth) and the step's tree layout for attention"),
+    Patch(f"{_GMR}.GPUModelRunner.sample_tokens", wrap_sample_tokens,
+          why="report the step's window nodes per request on the ModelRunnerOutput"),
+    Patch("vllm.v1.core.sched.scheduler.Scheduler.update_from_output", wrap_update_from_output,
+          why="count window nodes as invalid drafts, so the drafted-token metrics leave them out"),
+    Patch(f"{_GMR}.build_logitsprocs", wrap_build_logitsprocs,
+          why="build vLLM's builtin logits processors (min_p, logit_bias) under lade"),
+    CPU_TREE_BACKEND,
+]

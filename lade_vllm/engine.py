@@ -1,0 +1,414 @@
+"""The lookahead step engine: request slots, the adaptive policy and one context per step.
+
+No vLLM import and no access to vLLM objects: lade_vllm.adapter reads vLLM's runner into the plain
+records below, calls the engine, and writes what the engine returns (positions, tree layout, KV
+moves, emitted tokens) back into vLLM. One step:
+
+1. ``propose(ProposeBatch)``: per eligible request a token tree from the pool and the Jacobi window
+   (lade_vllm.proposer.LookaheadState); its nodes except the root are the request's draft tokens,
+   in storage order [trie | window] (lade_vllm.proposal). The trees wait in ``pending``.
+2. ``plan(ScheduledBatch)``: which pending trees the scheduler kept (whole or truncated), their
+   positions p + depth and ancestor masks: a fresh :class:`StepContext` in ``step``.
+3. after the forward, verification in three stages: ``acceptance_rows`` / ``min_p`` tell the adapter
+   which logits rows need a target (it computes them: argmax or a sample, lade_vllm.sampling);
+   ``accept(ctx, target)`` commits the whole trees to the lookahead state (the proposed trees
+   themselves, restricted to the committed requests: never proposed twice) and walks the truncated
+   ones; the returned :class:`Accepted` holds the emitted tokens, accepted paths and the KV moves
+   the adapter performs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Mapping
+
+import numpy as np
+import torch
+
+from lade_vllm.attention import TreeLayout
+from lade_vllm.config import LadeConfig
+from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
+from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
+from lade_vllm.proposer import LookaheadState
+from lade_vllm.proposer.tree import StepTree
+from lade_vllm.sampling import verify_subtree
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the engine needs to know about a request, read once from its sampling params."""
+    eligible: bool
+    seeded_sampled: bool = False           # a seed and temperature > 0
+    window_size: int | None = None         # per-request caps (extra_args["lade"])
+    ngram_size: int | None = None
+    guess_set_size: int | None = None
+    min_p: float = 0.0
+
+
+@dataclass
+class ProposeBatch:
+    """The runner's batch when vLLM asks for drafts (after a step's bookkeeping)."""
+    req_ids: list                          # per batch row: request id or None
+    sampled: list[list[int]]               # per row: tokens sampled in the step that ended
+    num_tokens: np.ndarray                 # per row: committed tokens
+    token_ids: np.ndarray                  # [rows, max_len] committed token ids
+    live: Collection[str]                  # requests the runner holds
+    num_reqs: int
+    info_of: Callable[[str], RequestInfo]  # read a request's RequestInfo (first sight only)
+
+
+@dataclass
+class ScheduledBatch:
+    """What the scheduler scheduled this step, as the runner laid it out."""
+    total_tokens: int
+    finished: Collection[str]
+    index_of: Mapping[str, int]            # request id -> batch row
+    drafts: Mapping[str, list[int]]        # request id -> scheduled draft tokens
+    num_scheduled: Mapping[str, int]       # request id -> scheduled tokens (root included)
+    query_start: np.ndarray                # per row: first token in the flattened batch
+    num_computed: np.ndarray               # per row: p, tokens already in the KV cache
+
+
+@dataclass
+class StepContext:
+    """One engine step, from ``plan`` to the next ``propose``."""
+    proposal: Proposal | None = None
+    plan: StepPlan | None = None           # None once verified, or when no tree was kept
+    layout: TreeLayout | None = None       # ancestor masks of the non-chain trees
+    positions: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first token, p+depth)
+    window_counts: dict[str, int] = field(default_factory=dict)  # window nodes scheduled
+    t0: float | None = None                # when the step's inputs were planned
+    tokens: int = 0                        # tokens the step feeds
+    tree: bool = False                     # the step uses tree attention
+
+
+@dataclass
+class Accepted:
+    """Verification of one step's trees, per plan request j."""
+    emitted: list[list[int]]               # tokens to emit
+    paths: list[list[int]]                 # accepted storage indices in path order (root excl.)
+    moves: list[tuple[int, int, int]]      # (j, from storage index, to depth): KV to relocate
+
+
+def select_trees(tree: StepTree, sel: torch.Tensor) -> StepTree:
+    """The trees of sequences ``sel`` [k] (increasing) of ``tree``, renumbered as a batch of k."""
+    num = tree.num_nodes[sel]
+    lo = tree.seq_start[sel]
+    start = torch.zeros(num.numel() + 1, dtype=tree.seq_start.dtype, device=num.device)
+    start[1:] = torch.cumsum(num, 0)
+    seq = torch.arange(num.numel(), device=num.device).repeat_interleave(num)
+    shift = start[:-1] - lo                                      # new index = old + shift
+    old = torch.arange(int(start[-1]), device=num.device) - shift[seq]
+
+    def renumber(index: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        return torch.where(index >= 0, index + by, -1)
+
+    return StepTree(
+        tokens=tree.tokens[old], depth=tree.depth[old],
+        parent=renumber(tree.parent[old], shift[seq]), node_seq=seq, is_trie=tree.is_trie[old],
+        seq_start=start, num_nodes=num, root_index=start[:-1],
+        num_window_nodes=tree.num_window_nodes[sel], window_levels=tree.window_levels[sel],
+        window_width=tree.window_width[sel],
+        top_level_index=renumber(tree.top_level_index[sel], shift[:, None]),
+        cand_node_index=renumber(tree.cand_node_index[sel], shift[:, None, None]),
+        cand_len=tree.cand_len, max_depth=tree.max_depth)
+
+
+class LadeEngine:
+    """Lookahead state of one model runner: slots, per-request caps, the policy, the step."""
+
+    def __init__(self, cfg: LadeConfig, max_seqs: int, max_tree_len: int | None = None):
+        self.cfg = cfg
+        self.state = LookaheadState(max_seqs, cfg.window_size, cfg.ngram_size,
+                                    cfg.guess_set_size, max_keys=cfg.pool_max_keys,
+                                    pool_from_prompt=cfg.pool_from_prompt,
+                                    suffix_tokens=cfg.suffix_tokens)
+        self.slot_of: dict[str, int] = {}
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
+        # committed tokens each slot's state has seen (catch-up after steps without a tree)
+        self.synced = np.zeros(max_seqs, dtype=np.int64)
+        # per-request caps: candidates and their length
+        self.slot_cands = torch.full((max_seqs,), cfg.guess_set_size, dtype=torch.long)
+        self.cand_len = max(cfg.ngram_size - 1, cfg.suffix_tokens)   # longest candidate
+        self.slot_cand_len = torch.full((max_seqs,), self.cand_len, dtype=torch.long)
+        self.capped_slots: set[int] = set()
+        self.policy = AdaptivePolicy(
+            full_nodes=cfg.max_draft_nodes,
+            lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1) + cfg.suffix_tokens,
+            chain_nodes=max(cfg.ngram_size - 1, cfg.suffix_tokens), enabled=cfg.adaptive,
+            explore_every=cfg.adaptive_explore_every,
+            explore_margin=float(cfg.adaptive_explore_margin))
+        # counters for tests and benchmarks; host_seconds = lade's own CPU work per step
+        # (the adapter adds its hooks' time), steps = steps with lade requests
+        self.stats = {"tree_steps": 0, "trie_nodes": 0, "window_nodes": 0, "steps": 0,
+                      "host_seconds": 0.0}
+        self.requests: dict[str, RequestInfo] = {}
+        # sliding-window models: trees only while the whole sequence fits inside the window
+        self.max_tree_len = max_tree_len
+        self.pending: Proposal | None = None   # trees proposed for the next step
+        self.step = StepContext()
+
+    # ---- request lifetime -------------------------------------------------------------------
+    def release(self, req_ids) -> None:
+        freed = [self.slot_of.pop(r) for r in req_ids if r in self.slot_of]
+        for r in req_ids:
+            self.requests.pop(r, None)
+        if freed:
+            self.state.free(torch.tensor(freed))
+            self.free_slots.extend(freed)
+            for slot in freed:
+                if slot in self.capped_slots:
+                    self.capped_slots.discard(slot)
+                    self.slot_cands[slot] = self.cfg.guess_set_size
+                    self.slot_cand_len[slot] = self.cand_len
+
+    def _info(self, req_id: str, batch: ProposeBatch) -> RequestInfo:
+        info = self.requests.get(req_id)
+        if info is None:
+            info = self.requests[req_id] = batch.info_of(req_id)
+        return info
+
+    def _pinned(self, info: RequestInfo) -> bool:
+        """Seeded sampled requests decode with the full tree every step, whatever the policy
+        picks for the others: how many random draws a step consumes from the request's generator
+        depends on its tree, so a timing-driven tree choice would make the same seed give
+        different text run to run."""
+        return self.policy.enabled and info.seeded_sampled
+
+    def _slot_for(self, req_id: str, info: RequestInfo, tokens: np.ndarray) -> int | None:
+        slot = self.slot_of.get(req_id)
+        if slot is None:
+            if not self.free_slots:
+                return None
+            slot = self.free_slots.pop()
+            self.slot_of[req_id] = slot
+            if info.guess_set_size is not None or info.ngram_size is not None:
+                self.capped_slots.add(slot)
+                if info.guess_set_size is not None:
+                    self.slot_cands[slot] = info.guess_set_size
+                if info.ngram_size is not None:
+                    self.slot_cand_len[slot] = info.ngram_size - 1
+            self.state.start(slot, torch.from_numpy(tokens.astype(np.int64)), seed=self.cfg.seed,
+                             width=info.window_size)
+            self.synced[slot] = tokens.shape[0]
+        return slot
+
+    # ---- 1. propose -------------------------------------------------------------------------
+    def propose(self, batch: ProposeBatch) -> list[list[int]]:
+        """Draft tokens per batch row (empty for rows without a tree this step)."""
+        step = self.step
+        if step.t0 is not None:  # the step that just ended: tokens fed -> seconds
+            self.policy.observe_step(step.tokens, time.perf_counter() - step.t0, tree=step.tree)
+            step.t0 = None
+        live = set(batch.live)
+        stale = [r for r in self.slot_of if r not in live]
+        if stale:
+            self.release(stale)
+        out: list[list[int]] = [[] for _ in batch.sampled]
+        self.pending = None
+        rows = self._lade_rows(batch)
+        if not rows:
+            return out
+        self.stats["steps"] += 1
+        level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
+        if level == OFF:
+            rows = [r for r in rows if r[5]]   # pinned requests keep their tree
+            if not rows:
+                return out  # plain decoding this step; the slots catch up when trees resume
+        self.pending = prop = self._build(rows, level, batch.token_ids)
+        for (row, *_), drafts in zip(rows, prop.drafts):
+            out[row] = drafts
+        return out
+
+    def _lade_rows(self, batch: ProposeBatch) -> list[tuple]:
+        """(row, request id, slot, last token, committed tokens, pinned) of the rows that get a
+        tree, allocating slots for new requests."""
+        rows = []
+        for i, sampled in enumerate(batch.sampled):
+            if not sampled:
+                continue
+            req_id = batch.req_ids[i]
+            if req_id is None:
+                continue
+            info = self._info(req_id, batch)
+            if not info.eligible:
+                continue
+            num = int(batch.num_tokens[i])
+            if self.max_tree_len is not None and num > self.max_tree_len:
+                if req_id in self.slot_of:
+                    self.release([req_id])
+                continue
+            slot = self._slot_for(req_id, info, batch.token_ids[i, :num])
+            if slot is None:
+                continue
+            rows.append((i, req_id, slot, sampled[-1], num, self._pinned(info)))
+        return rows
+
+    def _build(self, rows: list[tuple], level: int, token_ids: np.ndarray) -> Proposal:
+        rows_i, req_ids, slots, lasts, nums, pinned = (list(x) for x in zip(*rows))
+        self._catch_up(rows_i, slots, nums, token_ids)
+        slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
+        tree_args = self._tree_args(slots_t, level, torch.tensor(pinned, dtype=torch.bool))
+        contexts = [token_ids[i, :n] for i, n in zip(rows_i, nums)]
+        tree = self.state.propose(slots_t, lasts_t, contexts=contexts, **tree_args)
+        prop = storage_order(req_ids, slots_t, lasts_t, tree)
+        prop.level = FULL if all(pinned) else (level if not any(pinned) else None)
+        prop.tree_args = tree_args
+        return prop
+
+    def _catch_up(self, rows, slots, nums, token_ids: np.ndarray) -> None:
+        """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
+        tree) learn the tokens committed meanwhile: history and output n-grams."""
+        keep = self.cfg.ngram_size - 1
+        for i, slot, num in zip(rows, slots, nums):
+            known = int(self.synced[slot])
+            if known != num:
+                tail = token_ids[i, max(min(known, num) - keep, 0):num].astype(np.int64)
+                self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
+                self.synced[slot] = num
+
+    def _tree_args(self, slots: torch.Tensor, level: int, pinned: torch.Tensor) -> dict:
+        args = {}
+        if level in (CHAIN, LOOKUP):
+            args["use_window"] = pinned.clone()  # pinned requests keep their full tree
+        if self.capped_slots or level == CHAIN:
+            cands = self.slot_cands[slots]
+            args["num_cands"] = torch.where(pinned, cands, 1) if level == CHAIN else cands
+            args["cand_len"] = self.slot_cand_len[slots]
+        return args
+
+    # ---- 2. plan the forward ----------------------------------------------------------------
+    def plan(self, sched: ScheduledBatch) -> StepContext:
+        """The step's context: which pending trees were scheduled as proposed, their positions
+        and masks. Requests whose scheduled drafts are not our tree decode as a causal chain."""
+        ctx = self.step = StepContext(proposal=self.pending, t0=time.perf_counter(),
+                                      tokens=int(sched.total_tokens))
+        if sched.finished:
+            self.release(sched.finished)
+        prop = ctx.proposal
+        if prop is None:
+            return ctx
+        plan, layout = StepPlan(), TreeLayout(req_indices=[], tree_masks=[])
+        for k, req_id in enumerate(prop.req_ids):
+            i = sched.index_of.get(req_id)
+            drafts = sched.drafts.get(req_id)
+            if i is None or not drafts:
+                continue
+            mine = prop.drafts[k]
+            if sched.num_scheduled.get(req_id, 0) != len(drafts) + 1 \
+                    or drafts != mine[:len(drafts)]:
+                continue  # not our tree (e.g. a resumed request): plain causal chain
+            n = len(drafts) + 1
+            start = int(sched.query_start[i])
+            depth = prop.depth[k][:n]
+            ctx.positions.append((start, int(sched.num_computed[i]) + depth))
+            if not np.array_equal(depth, np.arange(n)):
+                layout.req_indices.append(i)
+                layout.tree_masks.append(ancestor_mask(prop.parent[k][:n]))
+            self._count_nodes(ctx, req_id, n, prop.num_trie[k])
+            plan.add(i, k, n, n == len(mine) + 1, start)
+        ctx.layout = layout if layout.req_indices else None
+        ctx.tree = ctx.layout is not None
+        ctx.plan = plan if plan.batch_idx else None
+        return ctx
+
+    def _count_nodes(self, ctx: StepContext, req_id: str, n: int, num_trie: int) -> None:
+        window = max(n - 1 - num_trie, 0)   # storage order: [root | trie | window]
+        ctx.window_counts[req_id] = window
+        self.stats["tree_steps"] += 1
+        self.stats["trie_nodes"] += n - 1 - window
+        self.stats["window_nodes"] += window
+
+    def take_window_counts(self) -> dict[str, int]:
+        """Per request, the window nodes scheduled in the last planned step (once)."""
+        counts, self.step.window_counts = self.step.window_counts, {}
+        return counts
+
+    # ---- 3. verify: targets (adapter) -> accept -> emit (adapter) ---------------------------
+    def take_plan(self) -> StepContext | None:
+        """The step to verify, if a tree was scheduled; clears the plan and the pending trees."""
+        ctx = self.step
+        if ctx.plan is None:
+            return None
+        self.pending = None
+        verified = StepContext(proposal=ctx.proposal, plan=ctx.plan)
+        ctx.plan = None
+        return verified
+
+    def acceptance_rows(self, ctx: StepContext) -> torch.Tensor:
+        """[M] bool over the concatenated rows of the plan's requests: the root and trie nodes,
+        the rows acceptance reads (window rows only feed the pool)."""
+        prop, plan = ctx.proposal, ctx.plan
+        rows = []
+        for j, k in enumerate(plan.prop_idx):
+            lo = int(prop.tree.seq_start[k])
+            st = prop.tree.is_trie[lo + torch.from_numpy(prop.order[k][:plan.num_nodes[j]])]
+            st[0] = True
+            rows.append(st)
+        return torch.cat(rows)
+
+    def min_p(self, ctx: StepContext) -> list[float]:
+        """min_p of each plan request (0 when off)."""
+        infos = (self.requests.get(ctx.proposal.req_ids[k]) for k in ctx.plan.prop_idx)
+        return [info.min_p if info is not None else 0.0 for info in infos]
+
+    def accept(self, ctx: StepContext, target: torch.Tensor, row_sampled: torch.Tensor,
+               acceptable: torch.Tensor) -> Accepted:
+        """Verify every plan request from per-row ``target`` [M] (rows concatenated in plan
+        order; ``row_sampled`` [M]: the row's request samples; ``acceptable``: acceptance_rows).
+        Whole trees are committed to the lookahead state, truncated ones only walked."""
+        plan = ctx.plan
+        offsets = np.concatenate([[0], np.cumsum(plan.num_nodes)[:-1]]).astype(np.int64)
+        emitted: dict[int, list[int]] = {}
+        paths: dict[int, list[int]] = {}
+        full = [j for j, f in enumerate(plan.full) if f]
+        if full:
+            self._commit(ctx, full, offsets, target, emitted, paths)
+        for j, f in enumerate(plan.full):
+            if not f:
+                emitted[j], paths[j] = self._walk(ctx, j, int(offsets[j]), target, row_sampled,
+                                                  acceptable)
+        order = range(len(plan.batch_idx))
+        moves = [(j, s, depth) for j in order for depth, s in enumerate(paths[j], start=1)
+                 if s != depth]
+        return Accepted([emitted[j] for j in order], [paths[j] for j in order], moves)
+
+    def _commit(self, ctx, full, offsets, target, emitted, paths) -> None:
+        """Commit the whole trees ``full`` (plan indices): verify, harvest, update the pool."""
+        prop, plan = ctx.proposal, ctx.plan
+        ks = [plan.prop_idx[j] for j in full]
+        if len(ks) == len(prop.req_ids):
+            tree, slots = prop.tree, prop.slots
+        else:
+            sel = torch.tensor(ks)
+            tree, slots = select_trees(prop.tree, sel), prop.slots[sel]
+        tree_target = torch.empty(tree.total_nodes, dtype=torch.long)
+        for b, j in enumerate(full):
+            k, n, o = plan.prop_idx[j], plan.num_nodes[j], int(offsets[j])
+            at = int(tree.seq_start[b]) + torch.from_numpy(prop.order[k][:n])
+            tree_target[at] = target[o:o + n]
+        res = self.state.commit(slots, tree, tree_target)
+        num_em, em = res.num_emitted.tolist(), res.emitted.tolist()
+        acc = res.accepted_nodes.tolist()
+        np.add.at(self.synced, slots.numpy(), res.num_emitted.numpy())
+        if prop.level is not None:
+            self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
+                                      float(tree.num_nodes.sum()) / len(num_em) - 1.0)
+        for b, j in enumerate(full):
+            k = plan.prop_idx[j]
+            lo = int(tree.seq_start[b])
+            inv = np.empty_like(prop.order[k])
+            inv[prop.order[k]] = np.arange(len(prop.order[k]))
+            emitted[j] = em[b][:num_em[b]]
+            paths[j] = [int(inv[a - lo]) for a in acc[b][:num_em[b] - 1]]
+
+    def _walk(self, ctx, j, o, target, row_sampled, acceptable) -> tuple[list[int], list[int]]:
+        """Verify the truncated tree of plan request ``j`` (rows from ``o``) without committing."""
+        prop, plan = ctx.proposal, ctx.plan
+        k, n = plan.prop_idx[j], plan.num_nodes[j]
+        tokens = np.array([int(prop.last_tokens[k])] + prop.drafts[k][:n - 1])
+        tgt = target[o:o + n].numpy()
+        # sampled: the trie only (see verify_subtree); window targets are argmaxes anyway
+        ok = acceptable[o:o + n].numpy() if bool(row_sampled[o]) else None
+        path = verify_subtree(prop.parent[k][:n], tokens, tgt, ok)
+        return [int(tokens[s]) for s in path] + [int(tgt[path[-1] if path else 0])], path

@@ -1,0 +1,171 @@
+"""The step engine (lade_vllm.engine) without vLLM: a stand-in model whose greedy next token depends
+on the last token only, a stand-in scheduler that may truncate trees, and the exactness of the
+emitted text against the model's own greedy continuation."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lade_vllm.config import LadeConfig
+from lade_vllm.engine import (LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch,
+                              select_trees)
+from lade_vllm.proposer import LookaheadState
+
+V = 40
+
+
+def model(tokens):
+    """Greedy next token of the stand-in model (a permutation-like walk with short cycles)."""
+    return (np.asarray(tokens) * 7 + 3) % V
+
+
+def continuation(last, n):
+    out = []
+    for _ in range(n):
+        last = int(model(last))
+        out.append(last)
+    return out
+
+
+class Run:
+    """Drives the engine step by step like vLLM's runner would."""
+
+    def __init__(self, prompts, cfg=None, caps=None, info=None):
+        self.engine = LadeEngine(cfg or LadeConfig(adaptive=False), max_seqs=8)
+        self.req_ids = list(prompts)
+        self.tokens = np.zeros((len(prompts), 1024), dtype=np.int64)
+        self.num = np.zeros(len(prompts), dtype=np.int64)
+        for i, p in enumerate(prompts.values()):
+            p = list(p) + continuation(p[-1], 1)     # the prefill step's token
+            self.tokens[i, :len(p)] = p
+            self.num[i] = len(p)
+        self.sampled = [[int(self.tokens[i, self.num[i] - 1])] for i in range(len(prompts))]
+        self.caps = caps or {}
+        self.info = info or (lambda r: RequestInfo(True))
+        self.proposes = 0
+        original = self.engine.state.propose
+
+        def counting(*a, **k):
+            self.proposes += 1
+            return original(*a, **k)
+
+        self.engine.state.propose = counting
+
+    def step(self):
+        e = self.engine
+        drafts = e.propose(ProposeBatch(self.req_ids, self.sampled, self.num.copy(), self.tokens,
+                                        set(self.req_ids), len(self.req_ids), self.info))
+        sched = {r: d[:self.caps.get(r, len(d))] for r, d in zip(self.req_ids, drafts)}
+        starts = np.cumsum([0] + [len(sched[r]) + 1 for r in self.req_ids])[:-1]
+        ctx = e.plan(ScheduledBatch(
+            total_tokens=sum(len(d) + 1 for d in sched.values()), finished=[],
+            index_of={r: i for i, r in enumerate(self.req_ids)},
+            drafts={r: d for r, d in sched.items() if d},
+            num_scheduled={r: len(d) + 1 for r, d in sched.items()},
+            query_start=starts, num_computed=self.num - 1))
+        emitted = {r: [int(model(self.sampled[i][-1]))] for i, r in enumerate(self.req_ids)}
+        if ctx.plan is not None:
+            v = e.take_plan()
+            rows = [[self.sampled[i][-1]] + sched[self.req_ids[i]] for i in v.plan.batch_idx]
+            target = torch.from_numpy(np.concatenate([model(r) for r in rows]))
+            acc = e.accept(v, target, torch.zeros(len(target), dtype=torch.bool),
+                           e.acceptance_rows(v))
+            for i, toks, path in zip(v.plan.batch_idx, acc.emitted, acc.paths):
+                assert len(toks) == len(path) + 1
+                emitted[self.req_ids[i]] = toks
+            self.last = (v, acc, ctx)
+        for i, r in enumerate(self.req_ids):
+            toks = emitted[r]
+            self.tokens[i, self.num[i]:self.num[i] + len(toks)] = toks
+            self.num[i] += len(toks)
+            self.sampled[i] = toks
+        return emitted
+
+
+PROMPTS = {"a": [5, 9, 11, 2, 5, 9, 11, 2, 5], "b": [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]}
+
+
+@pytest.mark.parametrize("caps", [{}, {"b": 2}, {"a": 1, "b": 3}])
+def test_greedy_output_is_the_models_continuation(caps):
+    run = Run(PROMPTS, caps=caps)
+    steps = 12
+    for _ in range(steps):
+        run.step()
+    for i, (r, p) in enumerate(PROMPTS.items()):
+        n = int(run.num[i])
+        assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r
+    assert run.proposes == steps               # one tree build per step, commits included
+    assert run.num.sum() > 2 * (steps + 1) + 4  # lookahead accepted something
+
+
+def test_partial_batch_commit_uses_the_proposed_trees():
+    run = Run(PROMPTS, caps={"b": 2})
+    for _ in range(4):
+        run.step()
+    v, acc, ctx = run.last
+    assert v.plan.full == [True, False]        # a committed, b truncated and walked only
+    assert run.proposes == 4
+    counts = dict(ctx.window_counts)
+    assert counts.keys() == {"a", "b"} and counts["b"] == 0   # b's two drafts are trie nodes
+    assert run.engine.take_window_counts() == counts
+    assert run.engine.take_window_counts() == {}
+
+
+def test_select_trees_equals_proposing_the_subset():
+    cfg = LadeConfig()
+    state = LookaheadState(6, cfg.window_size, cfg.ngram_size, cfg.guess_set_size,
+                           pool_from_prompt=True)
+    g = torch.Generator().manual_seed(0)
+    for s in range(5):
+        state.start(s, torch.randint(0, 12, (40,), generator=g), seed=s, width=None)
+    slots = torch.arange(5)
+    last = torch.randint(0, 12, (5,), generator=g)
+    for _ in range(3):   # fill windows and pools
+        tree = state.propose(slots, last)
+        res = state.commit(slots, tree, torch.randint(0, 12, (tree.total_nodes,), generator=g))
+        last = res.emitted.gather(1, (res.num_emitted - 1)[:, None])[:, 0]
+    tree = state.propose(slots, last)
+    sel = torch.tensor([1, 3, 4])
+    mine, theirs = select_trees(tree, sel), state.propose(slots[sel], last[sel])
+    for name in ("tokens", "depth", "parent", "node_seq", "is_trie", "seq_start", "num_nodes",
+                 "root_index", "num_window_nodes", "window_levels", "window_width"):
+        assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+    target = torch.randint(0, 12, (mine.total_nodes,), generator=g)
+    other = copy.deepcopy(state)
+    a, b = state.commit(slots[sel], mine, target), other.commit(slots[sel], theirs, target)
+    assert torch.equal(a.num_emitted, b.num_emitted)
+    for x, y, n in zip(a.emitted, b.emitted, a.num_emitted):
+        assert torch.equal(x[:n], y[:n])
+    assert torch.equal(state.history, other.history)
+    for part in ("windows", "pool"):
+        for name, x in vars(getattr(state, part)).items():
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, getattr(getattr(other, part), name)), (part, name)
+
+
+def test_ineligible_and_capped_requests():
+    infos = {"a": RequestInfo(False), "b": RequestInfo(True, guess_set_size=1, ngram_size=2,
+                                                       min_p=0.25)}
+    run = Run(PROMPTS, info=infos.__getitem__)
+    for _ in range(3):
+        run.step()
+    v, acc, ctx = run.last
+    assert [v.proposal.req_ids[k] for k in v.plan.prop_idx] == ["b"]
+    assert run.engine.min_p(v) == [0.25]
+    assert all(len(p) <= 1 for p in acc.paths)   # candidates of ngram_size - 1 = 1 token
+    assert "a" not in run.engine.slot_of
+    run.engine.release(["b"])
+    assert run.engine.slot_of == {} and run.engine.requests == {"a": infos["a"]}
+
+
+def test_the_engine_imports_no_vllm():
+    import subprocess
+    import sys
+    code = ("import sys, lade_vllm.engine\n"
+            "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
