@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import close_llm, make_llm
+from helpers import FULL, close_llm, make_llm
 from lade_vllm.config import LadeConfig
 from tools import prompts
 
@@ -62,7 +62,8 @@ def test_seeded_sampling_reproducible_with_adaptive_policy(adaptive_lade, tokeni
     from vllm import SamplingParams
 
     from tools import measure
-    ps = prompts.load("humaneval", 4, tokenizer) + prompts.load("mtbench", 4, tokenizer)
+    n = 4 if FULL else 2
+    ps = prompts.load("humaneval", n, tokenizer) + prompts.load("mtbench", n, tokenizer)
     seeded = [SamplingParams(temperature=0.4, top_p=0.95, max_tokens=40, seed=11 + i)
               for i in range(len(ps))]
     greedy = [SamplingParams(temperature=0.0, max_tokens=40) for _ in ps]

