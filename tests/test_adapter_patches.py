@@ -196,12 +196,12 @@ def test_backend_path_matches_the_backend_module():
     import pathlib
 
     import lade_vllm.attention
-    from lade_vllm.adapter.runtime import CPU_TREE_BACKEND_PATH
+    from lade_vllm.adapter.runtime import CPU_TREE_BACKEND
     src = pathlib.Path(lade_vllm.attention.__file__).with_name("cpu_tree.py").read_text()
     tree = ast.parse(src)
     value = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
                  and getattr(n.targets[0], "id", None) == "BACKEND_PATH")
-    assert value == CPU_TREE_BACKEND_PATH
+    assert value == CPU_TREE_BACKEND.value
 
 
 def test_plugin_applies_every_record_once_against_vllm():

@@ -91,38 +91,42 @@ def wrap_build_logitsprocs(original):
     return build_logitsprocs
 
 
-CPU_TREE_BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"
+def _backend_patch(member: str, path: str, why: str) -> Patch:
+    """A patch record that overrides vLLM's attention backend ``member`` with class ``path``."""
+    def enum_member():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        return getattr(AttentionBackendEnum, member)
+
+    def read():
+        """The class path the member is overridden to, or None while it resolves to vLLM's."""
+        m = enum_member()
+        return m.get_path() if m.is_overridden() else None
+
+    def register() -> None:
+        from vllm.v1.attention.backends.registry import register_backend
+        register_backend(enum_member(), path)
+        # vLLM memoises backend resolution (vllm.v1.attention.selector._cached_get_attn_backend);
+        # a resolution made before this registration would keep returning vLLM's class
+        try:
+            from vllm.v1.attention import selector
+            selector._cached_get_attn_backend.cache_clear()
+        except (ImportError, AttributeError):
+            pass
+
+    return Patch(f"vllm.v1.attention.backends.registry.AttentionBackendEnum.{member}", register,
+                 kind="register", read=read, value=path,
+                 undo=lambda: enum_member().clear_override(),
+                 why=why + "; also clears vllm.v1.attention.selector._cached_get_attn_backend")
 
 
-def _cpu_attn():
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-    return AttentionBackendEnum.CPU_ATTN
-
-
-def _read_cpu_attn():
-    """The class path CPU_ATTN is overridden to, or None while it resolves to vLLM's own."""
-    member = _cpu_attn()
-    return member.get_path() if member.is_overridden() else None
-
-
-def _register_cpu_attn() -> None:
-    from vllm.v1.attention.backends.registry import register_backend
-    register_backend(_cpu_attn(), CPU_TREE_BACKEND_PATH)
-    # vLLM memoises backend resolution (vllm.v1.attention.selector._cached_get_attn_backend); a
-    # resolution made before this registration would keep returning vLLM's class
-    try:
-        from vllm.v1.attention import selector
-        selector._cached_get_attn_backend.cache_clear()
-    except (ImportError, AttributeError):
-        pass
-
-
-CPU_TREE_BACKEND = Patch(
-    "vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN", _register_cpu_attn,
-    kind="register", read=_read_cpu_attn, value=CPU_TREE_BACKEND_PATH,
-    undo=lambda: _cpu_attn().clear_override(),
-    why="tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree); also clears "
-        "vllm.v1.attention.selector._cached_get_attn_backend")
+CPU_TREE_BACKEND = _backend_patch(
+    "CPU_ATTN", "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend",
+    "tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree)")
+#: not applied by default: the CUDA path has not been validated on a GPU
+CUDA_TREE_BACKEND = _backend_patch(
+    "FLASH_ATTN", "lade_vllm.attention.cuda_tree.LadeFlashAttentionBackend",
+    "tree attention: FlashAttention over the prefix with LSE, dense tree part, merged "
+    "(lade_vllm.attention.cuda_tree)")
 
 _GMR = "vllm.v1.worker.gpu_model_runner"
 

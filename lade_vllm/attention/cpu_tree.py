@@ -57,6 +57,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from lade_vllm.attention import TreeLayout, get_step_layout
 from lade_vllm.attention.kv_layout import gather_kv, probe_layout, token_gather_index
 from lade_vllm.attention.tree_math import mask_bias, masked_attention
+from lade_vllm.attention.tree_rows import tree_rows
 
 __all__ = [
     "TreeAttnPlan",
@@ -111,65 +112,13 @@ def build_tree_plan(
     block_size: int,
 ) -> TreeAttnPlan | None:
     """Validate ``layout`` against the batch and precompute the plan."""
-    if len(layout.req_indices) != len(layout.tree_masks):
-        raise ValueError(
-            f"lade TreeLayout: {len(layout.req_indices)} req_indices but "
-            f"{len(layout.tree_masks)} tree_masks"
-        )
-    R = len(layout.req_indices)
-    if R == 0:
+    rows = tree_rows(layout, query_start_loc_cpu, seq_lens_cpu, num_reqs)
+    if rows is None:
         return None
-    ridx = torch.as_tensor(layout.req_indices, dtype=torch.long)
-    if ridx.min() < 0 or ridx.max() >= num_reqs:
-        raise ValueError(
-            f"lade TreeLayout: req_indices {layout.req_indices} out of range "
-            f"for a batch of {num_reqs} requests"
-        )
-    if torch.unique(ridx).numel() != R:
-        raise ValueError(
-            f"lade TreeLayout: duplicate req_indices {layout.req_indices}"
-        )
-    sizes = []
-    for r, m in enumerate(layout.tree_masks):
-        if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-            raise ValueError(
-                f"lade TreeLayout: tree_masks[{r}] must be a non-empty square "
-                f"[T, T] tensor, got shape {tuple(m.shape)}"
-            )
-        sizes.append(m.shape[0])
-    T = torch.tensor(sizes, dtype=torch.long)
-    qsl = query_start_loc_cpu.to(torch.long)
-    q_start = qsl[ridx]
-    q_len = qsl[ridx + 1] - q_start
-    bad = (q_len != T).nonzero().flatten().tolist()
-    if bad:
-        r = bad[0]
-        raise ValueError(
-            f"lade tree attention: request at batch index {int(ridx[r])} has "
-            f"{int(q_len[r])} scheduled query tokens but its tree mask has "
-            f"T={int(T[r])} nodes; they must be equal (was the request's "
-            "token budget truncated?)"
-        )
-    kv_lens = seq_lens_cpu.to(torch.long)[ridx]
-    prefix = kv_lens - T
-    if (prefix < 0).any():
-        r = int((prefix < 0).nonzero()[0])
-        raise ValueError(
-            f"lade tree attention: request at batch index {int(ridx[r])} has "
-            f"seq_len {int(kv_lens[r])} < tree size {int(T[r])}"
-        )
-
-    Tq = int(T.max())
+    R, Tq = rows.query_valid.shape
+    T, prefix, kv_lens, masks = rows.sizes, rows.prefix_lens, rows.kv_lens, rows.masks
+    query_valid = rows.query_valid
     L = int(kv_lens.max())
-    ar_q = torch.arange(Tq)
-    query_valid = ar_q[None, :] < T[:, None]
-    query_rows = q_start[:, None] + torch.where(query_valid, ar_q[None, :], 0)
-
-    masks = torch.zeros(R, Tq, Tq, dtype=torch.bool)
-    for r, m in enumerate(layout.tree_masks):
-        t = sizes[r]
-        masks[r, :t, :t] = m.to(device="cpu", dtype=torch.bool)
-
     ar_l = torch.arange(L)
     rel = ar_l[None, :] - prefix[:, None]  # [R, L] index into the new tokens
     in_new = (rel >= 0) & (rel < T[:, None])
@@ -187,21 +136,17 @@ def build_tree_plan(
             f"lade tree attention: need {nblk} blocks per request but the "
             f"block table has {block_table.shape[1]} columns"
         )
-    bt = block_table.index_select(0, ridx.to(block_table.device))[:, :nblk]
-
-    flat_valid = query_valid.reshape(-1)
-    flat_src = flat_valid.nonzero().flatten()
-    flat_dst = query_rows.reshape(-1)[flat_src]
+    bt = block_table.index_select(0, rows.req_indices.to(block_table.device))[:, :nblk]
     return TreeAttnPlan(
-        req_indices=ridx,
-        query_rows=query_rows,
+        req_indices=rows.req_indices,
+        query_rows=rows.query_rows,
         query_valid=query_valid,
         block_table=bt,
         prefix_lens=prefix,
         kv_lens=kv_lens,
         allowed=allowed,
-        flat_src=flat_src,
-        flat_dst=flat_dst,
+        flat_src=rows.flat_src,
+        flat_dst=rows.flat_dst,
         max_query_len=Tq,
         max_kv_len=L,
     )
@@ -341,13 +286,9 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
 
 
 class LadeCPUAttentionBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[LadeCPUAttentionImpl]:
-        return LadeCPUAttentionImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[LadeCPUMetadataBuilder]:
-        return LadeCPUMetadataBuilder
+    """CPU_ATTN with the tree-aware builder and impl (its name stays "CPU_ATTN")."""
+    get_impl_cls = staticmethod(lambda: LadeCPUAttentionImpl)
+    get_builder_cls = staticmethod(lambda: LadeCPUMetadataBuilder)
 
 
 BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"

@@ -89,6 +89,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from lade_vllm.attention import TreeLayout, get_step_layout
 from lade_vllm.attention.merge import attention_with_lse
+from lade_vllm.attention.tree_rows import tree_rows
 
 __all__ = [
     "CudaTreeAttnPlan",
@@ -151,65 +152,13 @@ def build_cuda_tree_plan(
     ``[num_reqs, nblk]`` block table (its device is used unless ``device``
     is given). Returns None when the layout has no tree requests.
     """
-    if len(layout.req_indices) != len(layout.tree_masks):
-        raise ValueError(
-            f"lade TreeLayout: {len(layout.req_indices)} req_indices but "
-            f"{len(layout.tree_masks)} tree_masks"
-        )
-    R = len(layout.req_indices)
-    if R == 0:
+    tr = tree_rows(layout, query_start_loc_cpu, seq_lens_cpu, num_reqs)
+    if tr is None:
         return None
     dev = torch.device(device) if device is not None else block_table.device
-    ridx = torch.as_tensor(layout.req_indices, dtype=torch.long)
-    if ridx.min() < 0 or ridx.max() >= num_reqs:
-        raise ValueError(
-            f"lade TreeLayout: req_indices {layout.req_indices} out of range "
-            f"for a batch of {num_reqs} requests"
-        )
-    if torch.unique(ridx).numel() != R:
-        raise ValueError(
-            f"lade TreeLayout: duplicate req_indices {layout.req_indices}"
-        )
-    sizes = []
-    for r, m in enumerate(layout.tree_masks):
-        if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-            raise ValueError(
-                f"lade TreeLayout: tree_masks[{r}] must be a non-empty square "
-                f"[T, T] tensor, got shape {tuple(m.shape)}"
-            )
-        sizes.append(int(m.shape[0]))
-    T = torch.tensor(sizes, dtype=torch.long)
-    qsl = query_start_loc_cpu.to(device="cpu", dtype=torch.long)
-    q_start = qsl[ridx]
-    q_len = qsl[ridx + 1] - q_start
-    bad = (q_len != T).nonzero().flatten().tolist()
-    if bad:
-        r = bad[0]
-        raise ValueError(
-            f"lade tree attention: request at batch index {int(ridx[r])} has "
-            f"{int(q_len[r])} scheduled query tokens but its tree mask has "
-            f"T={int(T[r])} nodes; they must be equal (was the request's "
-            "token budget truncated?)"
-        )
-    kv_lens = seq_lens_cpu.to(device="cpu", dtype=torch.long)[ridx]
-    prefix = kv_lens - T
-    if (prefix < 0).any():
-        r = int((prefix < 0).nonzero()[0])
-        raise ValueError(
-            f"lade tree attention: request at batch index {int(ridx[r])} has "
-            f"seq_len {int(kv_lens[r])} < tree size {int(T[r])}"
-        )
-
-    Tq = int(T.max())
-    ar = torch.arange(Tq)
-    valid = ar[None, :] < T[:, None]  # [R, Tq]
-    padded_rows = q_start[:, None] + torch.where(valid, ar[None, :], 0)
-    tree_allowed = torch.zeros(R, Tq, Tq, dtype=torch.bool)
-    for r, m in enumerate(layout.tree_masks):
-        t = sizes[r]
-        tree_allowed[r, :t, :t] = m.to(device="cpu", dtype=torch.bool)
-    flat_src = valid.reshape(-1).nonzero().flatten()
-    rows = padded_rows.reshape(-1)[flat_src]
+    R, Tq = tr.query_valid.shape
+    ridx, T, prefix = tr.req_indices, tr.sizes, tr.prefix_lens
+    padded_rows, tree_allowed, flat_src, rows = tr.query_rows, tr.masks, tr.flat_src, tr.flat_dst
     cu = torch.zeros(R + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(T, 0).to(torch.int32)
 
@@ -496,33 +445,18 @@ class LadeFlashAttentionImpl(FlashAttentionImpl):
 
 
 class LadeFlashAttentionBackend(FlashAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[LadeFlashAttentionImpl]:
-        return LadeFlashAttentionImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[LadeFlashAttentionMetadataBuilder]:
-        return LadeFlashAttentionMetadataBuilder
+    """FLASH_ATTN with the tree-aware builder and impl (its name stays "FLASH_ATTN")."""
+    get_impl_cls = staticmethod(lambda: LadeFlashAttentionImpl)
+    get_builder_cls = staticmethod(lambda: LadeFlashAttentionMetadataBuilder)
 
 
 BACKEND_PATH = "lade_vllm.attention.cuda_tree.LadeFlashAttentionBackend"
 
 
 def register_cuda_tree_backend() -> None:
-    """Override ``AttentionBackendEnum.FLASH_ATTN`` with the tree backend.
+    """Make ``AttentionBackendEnum.FLASH_ATTN`` resolve to the tree backend (no-op when it does):
+    applies the patch record ``lade_vllm.adapter.runtime.CUDA_TREE_BACKEND``."""
+    from lade_vllm.adapter.patches import ensure
+    from lade_vllm.adapter.runtime import CUDA_TREE_BACKEND
 
-    Must run in every process that builds a model (plugin entry point),
-    before the model's Attention layers are constructed.
-    """
-    from vllm.v1.attention.backends.registry import (
-        AttentionBackendEnum,
-        register_backend,
-    )
-
-    register_backend(AttentionBackendEnum.FLASH_ATTN, BACKEND_PATH)
-    try:  # drop a resolution cached before registration (selector.py:204)
-        from vllm.v1.attention import selector
-
-        selector._cached_get_attn_backend.cache_clear()
-    except (ImportError, AttributeError):
-        pass
+    ensure(CUDA_TREE_BACKEND)
