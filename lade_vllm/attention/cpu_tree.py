@@ -229,18 +229,8 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
             self._check_tree_supported(plan)
             self._tree_overwrite(layer, query, kv_cache, plan, output)
             return output
-        result = super().forward(
-            layer,
-            query,
-            key,
-            value,
-            kv_cache,
-            attn_metadata,
-            output,
-            output_scale,
-            output_block_scale,
-        )
-        plan = getattr(attn_metadata, "tree", None)
+        result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale)
         if plan is None:
             return result
         self._check_tree_supported(plan)
