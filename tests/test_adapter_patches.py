@@ -218,8 +218,8 @@ def test_plugin_applies_every_record_once_against_vllm():
             except patches.AlreadyPatched:
                 continue
             raise SystemExit("applied twice: " + p.target)
-        from lade_vllm.attention import register_cpu_tree_backend
-        register_cpu_tree_backend()              # applied already: a no-op
+        from lade_vllm.adapter.runtime import CPU_TREE_BACKEND
+        patches.ensure(CPU_TREE_BACKEND)         # applied already: a no-op
         print("OK")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -273,7 +273,9 @@ def test_register_cuda_tree_backend():
 
     had = AttentionBackendEnum.FLASH_ATTN.is_overridden()
     try:
-        ct.register_cuda_tree_backend()
+        from lade_vllm.adapter.patches import ensure
+        from lade_vllm.adapter.runtime import CUDA_TREE_BACKEND
+        ensure(CUDA_TREE_BACKEND)
         assert AttentionBackendEnum.FLASH_ATTN.get_path() == ct.BACKEND_PATH
         assert AttentionBackendEnum.FLASH_ATTN.get_class() is ct.LadeFlashAttentionBackend
     finally:

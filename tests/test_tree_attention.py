@@ -344,12 +344,13 @@ def test_unsupported_feature_raises(monkeypatch):
 def test_register_backend_override():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from lade_vllm.attention import register_cpu_tree_backend
+    from lade_vllm.adapter.patches import ensure
+    from lade_vllm.adapter.runtime import CPU_TREE_BACKEND
     from lade_vllm.attention.cpu_tree import BACKEND_PATH, LadeCPUAttentionBackend
 
     was = AttentionBackendEnum.CPU_ATTN.is_overridden()
     prev = AttentionBackendEnum.CPU_ATTN.get_path()
-    register_cpu_tree_backend()
+    ensure(CPU_TREE_BACKEND)
     try:
         assert AttentionBackendEnum.CPU_ATTN.get_path() == BACKEND_PATH
         assert AttentionBackendEnum.CPU_ATTN.get_class() is LadeCPUAttentionBackend

@@ -8,8 +8,8 @@ import from anywhere):
     set_step_layout(None)
 
 The CPU backend (:mod:`lade_vllm.attention.cpu_tree`) reads the layout in its
-metadata builder's ``build()``; register it in every worker process with
-:func:`register_cpu_tree_backend` before the model is constructed.
+metadata builder's ``build()``; the patch record
+``lade_vllm.adapter.runtime.CPU_TREE_BACKEND`` registers it in every process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ __all__ = [
     "TreeLayout",
     "set_step_layout",
     "get_step_layout",
-    "register_cpu_tree_backend",
 ]
 
 
@@ -61,10 +60,3 @@ def set_step_layout(layout: TreeLayout | None) -> None:
 def get_step_layout() -> TreeLayout | None:
     """The layout published for the current step, or None."""
     return _STEP_LAYOUT
-
-
-def register_cpu_tree_backend() -> None:
-    """Make vLLM's CPU_ATTN resolve to the tree-aware CPU backend."""
-    from lade_vllm.attention.cpu_tree import register_cpu_tree_backend as _reg
-
-    _reg()

@@ -3,36 +3,35 @@
 What is subclassed / overridden (vllm 0.32.0, paths under ``vllm/``):
 
 - ``v1/attention/backends/cpu_attn.py``
-  - ``CPUAttentionBackend`` (49-106): ``get_impl_cls`` (100-102) and
-    ``get_builder_cls`` (104-106) overridden to return the Lade classes.
+  - ``CPUAttentionBackend``: ``get_impl_cls`` and
+    ``get_builder_cls`` overridden to return the Lade classes.
     ``get_name`` stays "CPU_ATTN".
-  - ``CPUAttentionMetadata`` (109-128): dataclass subclass adding ``tree``.
-  - ``CPUAttentionMetadataBuilder.build`` (199-283): called via super(), its
+  - ``CPUAttentionMetadata``: dataclass subclass adding ``tree``.
+  - ``CPUAttentionMetadataBuilder.build``: called via super(), its
     result re-wrapped as ``LadeCPUAttentionMetadata`` with a per-step
     :class:`TreeAttnPlan` (built once per step, shared by all layers).
-  - ``CPUAttentionBackendImpl.forward`` (344-461): super().forward() runs
-    vLLM's kernel ``ops.cpu_attention_with_kv_cache`` (440-459) for the whole
+  - ``CPUAttentionBackendImpl.forward``: super().forward() runs
+    vLLM's kernel ``ops.cpu_attention_with_kv_cache`` for the whole
     batch (exact for non-tree rows), then the rows of tree requests are
     overwritten with a dense masked attention over K/V gathered from the paged
     cache. The cache element order is probed, not assumed
     (:mod:`lade_vllm.attention.kv_layout`); the ISA is ``layer.isa`` as set by
-    ``CPUAttentionMetadataBuilder._set_isa_to_layers`` (169-176).
+    ``CPUAttentionMetadataBuilder._set_isa_to_layers``.
 - ``v1/attention/backends/registry.py``: ``register_backend(backend,
-  class_path)`` (340-412) stores the override in ``_ATTN_OVERRIDES``;
-  ``AttentionBackendEnum.get_path`` (192-210) honours it, and
-  ``CpuPlatform.get_attn_backend_cls`` (``platforms/cpu.py:143-179``) always
+  class_path)`` stores the override in ``_ATTN_OVERRIDES``;
+  ``AttentionBackendEnum.get_path`` honours it, and
+  ``CpuPlatform.get_attn_backend_cls`` always
   returns ``AttentionBackendEnum.CPU_ATTN.get_path()`` for non-MLA models.
-  ``v1/attention/selector.py:_cached_get_attn_backend`` (203-225) caches the
+  ``v1/attention/selector.py:_cached_get_attn_backend`` caches the
   resolution, so registration must precede model construction (we also clear
   that cache when registering).
 
 Why the new tokens' K/V are already in the cache when ``forward`` runs:
-``CPUAttentionBackend.forward_includes_kv_cache_update = False`` (cpu_attn.py:50),
-so ``Attention.forward`` (``model_executor/layers/attention/attention.py``
-539-578) first calls ``unified_kv_cache_update`` (724-746), which calls
-``impl.do_kv_cache_update`` (cpu_attn.py:463-487, writing through
+``CPUAttentionBackend.forward_includes_kv_cache_update = False``,
+so ``Attention.forward`` (``vllm.model_executor.layers.attention.attention``) first calls ``unified_kv_cache_update``, which calls
+``impl.do_kv_cache_update`` (writing through
 ``ops.cpu_attn_reshape_and_cache`` at the step's ``slot_mapping``), and only
-then ``unified_attention_with_output`` (767-795) -> ``impl.forward``; the
+then ``unified_attention_with_output`` -> ``impl.forward``; the
 ``kv_cache_dummy_dep`` result threads a data dependency between the two so
 torch.compile keeps that order. vLLM's own kernel relies on the same fact: it
 reads all of ``[0, seq_len)`` from the paged cache.
@@ -66,7 +65,6 @@ __all__ = [
     "LadeCPUAttentionImpl",
     "LadeCPUAttentionBackend",
     "build_tree_plan",
-    "register_cpu_tree_backend",
 ]
 
 
@@ -282,16 +280,3 @@ class LadeCPUAttentionBackend(CPUAttentionBackend):
 
 
 BACKEND_PATH = "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend"
-
-
-def register_cpu_tree_backend() -> None:
-    """Make ``AttentionBackendEnum.CPU_ATTN`` resolve to the tree backend (no-op when it does).
-
-    Applies the patch record ``lade_vllm.adapter.runtime.CPU_TREE_BACKEND`` (vLLM's
-    ``register_backend``); the plugin entry point applies it in every process, before the
-    model's Attention layers are constructed.
-    """
-    from lade_vllm.adapter.patches import ensure
-    from lade_vllm.adapter.runtime import CPU_TREE_BACKEND
-
-    ensure(CPU_TREE_BACKEND)

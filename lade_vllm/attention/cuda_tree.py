@@ -22,45 +22,45 @@ exactly what a tree row may see, so the LSE merge is exact
 What is subclassed / called (vllm 0.32.0, paths under ``vllm/``):
 
 - ``v1/attention/backends/flash_attn.py``
-  - ``FlashAttentionBackend`` (286-): ``get_impl_cls`` (414-416) and
-    ``get_builder_cls`` (418-420) overridden; ``get_name`` stays
-    "FLASH_ATTN". ``forward_includes_kv_cache_update = False`` (367) is
+  - ``FlashAttentionBackend``: ``get_impl_cls`` and
+    ``get_builder_cls`` overridden; ``get_name`` stays
+    "FLASH_ATTN". ``forward_includes_kv_cache_update = False`` is
     inherited, so the step's new K/V are in the paged cache before
     ``forward`` runs (``Attention.forward`` calls ``unified_kv_cache_update``
-    -> ``do_kv_cache_update`` (1427-1461) first).
-  - ``FlashAttentionMetadata`` (512-560): dataclass subclass adding ``tree``.
-  - ``FlashAttentionMetadataBuilder.build`` (809-1017): called via super(),
+    -> ``do_kv_cache_update`` first).
+  - ``FlashAttentionMetadata``: dataclass subclass adding ``tree``.
+  - ``FlashAttentionMetadataBuilder.build``: called via super(),
     result re-wrapped as :class:`LadeFlashAttentionMetadata` with the plan.
-    ``update_block_table`` (1019-1028) overridden so the plan's block table
-    follows the metadata's. ``get_cudagraph_support`` (621-627) overridden to
+    ``update_block_table`` overridden so the plan's block table
+    follows the metadata's. ``get_cudagraph_support`` overridden to
     ``NEVER``: the tree path is data-dependent Python and must run eagerly
     (use ``enforce_eager`` or PIECEWISE cudagraphs, where attention is eager).
-  - ``FlashAttentionImpl.forward`` (1177-1425): super().forward() for the
+  - ``FlashAttentionImpl.forward``: super().forward() for the
     batch, then the tree rows are overwritten. The K/V cache split
     ``kv_cache.transpose(1, 2).split(head_size, -1)`` and
-    ``canonicalize_singleton_dim_strides`` are copied from 1252-1269, the
-    FA4-hd256 page rounding from 1391-1397.
+    ``canonicalize_singleton_dim_strides`` are copied from ``FlashAttentionImpl.forward``, the
+    FA4-hd256 page rounding too.
   - The prefix call mirrors the DCP context call in ``_forward_with_dcp``
-    (1463-1637), lines 1576-1598: ``flash_attn_varlen_func(q, k=key_cache,
+   : ``flash_attn_varlen_func(q, k=key_cache,
     v=value_cache, out, cu_seqlens_q, max_seqlen_q, seqused_k=<context lens>,
     max_seqlen_k, softmax_scale, causal=False, alibi_slopes, window_size,
     block_table, softcap, return_softmax_lse=True, scheduler_metadata,
     fa_version, ..., num_splits)`` -> ``(out, lse [H, total_q])``; the merge
-    mirrors 1631-1637 (``merge_attn_states(output, ctx_out, ctx_lse,
+    mirrors the end of ``FlashAttentionImpl._forward_with_dcp`` (``merge_attn_states(output, ctx_out, ctx_lse,
     q_out, q_lse)``). Differences: queries are only the tree rows (packed,
     with their own ``cu_seqlens_q``), ``seqused_k`` is ``p`` per tree request,
     ``scheduler_metadata=None`` (vLLM's AOT schedule describes the whole
     batch) and ``num_splits=0``, and the "new tokens" half is
     :func:`~lade_vllm.attention.merge.attention_with_lse` with the tree mask
     instead of a causal FA call.
-- ``v1/attention/ops/merge_attn_states.py``: ``merge_attn_states`` (70-184),
+- ``v1/attention/ops/merge_attn_states.py``: ``merge_attn_states``,
   LSE layout ``[NUM_HEADS, NUM_TOKENS]``; CUDA kernel on CUDA, the torch
-  fallback ``_merge_attn_states_torch`` (9-67) on CPU.
-- ``v1/attention/backends/fa_utils.py`` (22-28): ``flash_attn_varlen_func``
+  fallback ``_merge_attn_states_torch`` on CPU.
+- ``v1/attention/backends/fa_utils.py``: ``flash_attn_varlen_func``
   only exists there on CUDA/XPU/ROCm; it is imported lazily in
   :func:`_flash_attn_varlen_func`, so this module imports on a CPU build.
-- ``v1/attention/backends/registry.py``: ``register_backend`` (340-412) /
-  ``AttentionBackendEnum.get_path`` (192-210), as for the CPU backend.
+- ``v1/attention/backends/registry.py``: ``register_backend`` /
+  ``AttentionBackendEnum.get_path``, as for the CPU backend.
 
 Unsupported for tree requests (raises ``NotImplementedError``): ALiBi,
 sliding window, softcap, sinks, quantized KV cache, decode context parallel,
@@ -98,7 +98,6 @@ __all__ = [
     "LadeFlashAttentionImpl",
     "LadeFlashAttentionBackend",
     "build_cuda_tree_plan",
-    "register_cuda_tree_backend",
 ]
 
 # FA4's head_size=256 kernel works on 128-token pages
@@ -325,7 +324,7 @@ class LadeFlashAttentionImpl(FlashAttentionImpl):
 
     # -- pieces ---------------------------------------------------------------
     def _split_kv_cache(self, kv_cache: torch.Tensor):
-        # flash_attn.py 1252-1269: (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D))
+        # as FlashAttentionImpl.forward: (B, H, N, 2*D) -> ((B, N, H, D), (B, N, H, D))
         from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
@@ -361,13 +360,13 @@ class LadeFlashAttentionImpl(FlashAttentionImpl):
     def _prefix_attention(self, q_packed, key_cache, value_cache, plan):
         """FA over each tree request's prefix [0, p): ``(out [n,H,d], lse [H,n])``.
 
-        The call follows flash_attn.py 1576-1598 (DCP context attention).
+        The call follows the DCP context attention of ``FlashAttentionImpl``.
         """
         flash_attn_varlen_func = _flash_attn_varlen_func()
         max_seqlen_k = plan.max_prefix_len
         block_table = plan.block_table
         num_splits = 0
-        if getattr(self, "fa4_hd256", False):  # flash_attn.py 1391-1397
+        if getattr(self, "fa4_hd256", False):  # as FlashAttentionImpl.forward (FA4 hd256)
             num_pages = -(-max_seqlen_k // _FA4_HD256_PAGE_SIZE)
             max_seqlen_k = num_pages * _FA4_HD256_PAGE_SIZE
             block_table = block_table[:, :num_pages]
@@ -451,12 +450,3 @@ class LadeFlashAttentionBackend(FlashAttentionBackend):
 
 
 BACKEND_PATH = "lade_vllm.attention.cuda_tree.LadeFlashAttentionBackend"
-
-
-def register_cuda_tree_backend() -> None:
-    """Make ``AttentionBackendEnum.FLASH_ATTN`` resolve to the tree backend (no-op when it does):
-    applies the patch record ``lade_vllm.adapter.runtime.CUDA_TREE_BACKEND``."""
-    from lade_vllm.adapter.patches import ensure
-    from lade_vllm.adapter.runtime import CUDA_TREE_BACKEND
-
-    ensure(CUDA_TREE_BACKEND)

@@ -2,11 +2,10 @@
 
 vLLM 0.32's CPU backend (``vllm/v1/attention/backends/cpu_attn.py``) stores
 each layer's cache as ``kv_cache[num_blocks, num_kv_heads, block_size,
-2 * head_size]``; ``forward``/``do_kv_cache_update`` (cpu_attn.py:414-416,
-474-476) view it as ``[nb, kvh, 2 * bs, hd]`` and ``chunk(2, dim=2)`` it into a
-K half and a V half. The element order inside one (block, head) region is
+2 * head_size]``; ``forward`` / ``do_kv_cache_update`` view it as
+``[nb, kvh, 2 * bs, hd]`` and ``chunk(2, dim=2)`` it into a K half and a V half. The element order inside one (block, head) region is
 whatever ``ops.cpu_attn_reshape_and_cache`` writes for the ISA picked by
-``_get_attn_isa`` (cpu_attn.py:520-558): ``vec``/``vec16`` store K transposed
+``_get_attn_isa``: ``vec``/``vec16`` store K transposed
 ``[hd, bs]`` and V ``[bs, hd]``; ``amx`` uses packed tiles; other ISAs may
 differ again. Rather than hard-code any of that, :func:`probe_layout` asks the
 real writer where each (token offset, dim) element lands and returns the
