@@ -22,9 +22,10 @@ def register() -> None:
     global REGISTERED
     if REGISTERED:
         return
-    from lade_vllm.adapter import gate, patches
+    from lade_vllm.adapter import frontend, gate, patches, runtime
     check_vllm_version()
     gate.PLATFORM_PROBLEM = gate.current_platform_problem()
-    patches.apply_all(platform_ok=gate.PLATFORM_PROBLEM is None,
+    patches.apply_all(frontend.PATCHES + runtime.PATCHES,
+                      platform_ok=gate.PLATFORM_PROBLEM is None,
                       allow_foreign=gate.allow_untested())
     REGISTERED = True

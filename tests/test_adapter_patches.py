@@ -181,7 +181,8 @@ def test_apply_all_on_an_unsupported_platform_applies_only_any_platform_records(
 
 
 def test_the_table():
-    table = patches._records()
+    from lade_vllm.adapter import frontend, runtime
+    table = frontend.PATCHES + runtime.PATCHES
     targets = [p.target for p in table]
     assert len(set(targets)) == len(targets) == 11
     for p in table:

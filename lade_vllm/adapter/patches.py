@@ -2,8 +2,9 @@
 
 A record names its target by dotted path (``vllm.v1.worker.gpu_model_runner.GPUModelRunner.
 _prepare_inputs``), carries the replacement, the vLLM release line it was written against and one
-line saying why. :func:`apply_all` installs the table :data:`LADE_PATCHES` (defined at the bottom of
-this module) and is the only caller of :meth:`PatchRegistry.apply` in the package.
+line saying why. :func:`apply_all` installs the tables of ``lade_vllm.adapter.frontend`` and ``.runtime`` (handed
+over by ``lade_vllm.register()``) and is, with :func:`ensure`, the only caller of
+:meth:`PatchRegistry.apply` in the package.
 
 Two kinds of record:
 
@@ -204,19 +205,17 @@ class PatchRegistry:
 
 # ---- the table ----------------------------------------------------------------------------------
 
-def _records() -> list[Patch]:
-    from lade_vllm.adapter import frontend, runtime
-    return frontend.PATCHES + runtime.PATCHES
-
-
-#: every record lade-vllm applies (filled on first use)
+#: every record lade-vllm applies (the table apply_all() was given)
 LADE_PATCHES: list[Patch] = []
 
 _REGISTRY: PatchRegistry | None = None
 
 
-def apply_all(platform_ok: bool = True, allow_foreign: bool = False) -> PatchRegistry:
-    """Apply :data:`LADE_PATCHES` once per process (later calls return the same registry).
+def apply_all(records: list[Patch] = (), platform_ok: bool = True,
+              allow_foreign: bool = False) -> PatchRegistry:
+    """Apply ``records`` (kept as :data:`LADE_PATCHES`) once per process (later calls return the
+    same registry). lade_vllm.register() passes the adapter's tables (``frontend.PATCHES +
+    runtime.PATCHES``).
 
     ``platform_ok`` False: only the records marked ``any_platform`` (lade cannot run here, see
     lade_vllm.adapter.gate; vLLM's runner stays untouched)."""
@@ -224,7 +223,7 @@ def apply_all(platform_ok: bool = True, allow_foreign: bool = False) -> PatchReg
     if _REGISTRY is not None:
         return _REGISTRY
     if not LADE_PATCHES:
-        LADE_PATCHES.extend(_records())
+        LADE_PATCHES.extend(records)
     targets = [p.target for p in LADE_PATCHES]
     dup = {t for t in targets if targets.count(t) > 1}
     if dup:
@@ -239,7 +238,7 @@ def apply_all(platform_ok: bool = True, allow_foreign: bool = False) -> PatchReg
 
 def ensure(patch: Patch) -> None:
     """Apply ``patch`` unless its replacement is in place already (for callers that may run
-    before or after :func:`apply_all`, e.g. ``register_cpu_tree_backend``)."""
+    before or after :func:`apply_all`, e.g. tests of the CPU tree backend)."""
     reg = _REGISTRY or PatchRegistry()
     if not reg.is_applied(patch):
         reg.apply(patch)
