@@ -196,6 +196,69 @@ def _lex_perm_radix(cands: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return perm
 
 
+def _usable(cands: torch.Tensor, cand_valid: torch.Tensor, num_cands: torch.Tensor | None):
+    """(cands, valid [B, G], tok_ok [B, G, D] or None): a candidate ends before its first negative
+    token (one starting with it is dropped); with ``num_cands`` only the newest valid ones stay.
+    Where a candidate ends early its padding becomes a token larger than all, so that it sorts
+    after the longer candidates sharing its prefix (tok_ok then marks its real tokens)."""
+    B, G, D = cands.shape
+    if D == 0:
+        return cands, torch.zeros(cand_valid.shape, dtype=torch.bool, device=cands.device), None
+    tok_ok = (cands >= 0).cumprod(2).bool()                                   # [B, G, D]
+    valid = cand_valid.bool() & tok_ok[:, :, 0]
+    if bool(tok_ok[valid].all()):
+        tok_ok = None
+    else:
+        cands = torch.where(tok_ok, cands, int(cands.max()) + 1)
+    if num_cands is not None:
+        # keep the newest valid candidates (pools list them oldest first):
+        # a continuation seen again is refreshed to newest, so the newest are the likeliest
+        newer = valid.flip(1).cumsum(1).flip(1)          # valid candidates at this index or after
+        valid = valid & (newer <= num_cands.long()[:, None])
+    return cands, valid, tok_ok
+
+
+def _candidate_trie(cands, cand_valid, num_cands, cand_len, merge, sc_, bc):
+    """The candidate trie. Candidates are sorted lexicographically per sequence (invalid last), so
+    candidates sharing a prefix are adjacent; the first of a run of equal prefixes owns the node.
+
+    Returns (perm [B, G] or None, sorted candidates [B, G, D], sv [B, G, 1|D] token fed, owner
+    [B, G, D] token owns a node, node_g [B, G, D] padded global slot of each token's node)."""
+    B, G, D = cands.shape
+    dev = cands.device
+    cands, valid, tok_ok = _usable(cands, cand_valid, num_cands)
+    if merge and G > 1 and D > 0 and B > 0:
+        perm, ks, bits = _lex_sort(cands, valid)
+        sc = cands.gather(1, perm[:, :, None].expand(B, G, D))
+        if ks is not None:
+            sv = ks != _I64_MAX
+            # sorted candidate i owns its depth-j node iff its first j+1 tokens differ from i-1's,
+            # i.e. the keys differ in their top (j+1)*bits bits
+            shifts = torch.tensor([bits * (D - 1 - j) for j in range(D)], device=dev)
+            diff = ((ks[:, 1:] ^ ks[:, :-1])[:, :, None] >> shifts) != 0
+        else:
+            sv = valid.gather(1, perm)
+            diff = (sc[:, 1:] != sc[:, :-1]).long().cumsum(2) > 0
+        owner = torch.cat([bc["first_row"], diff], 1)
+        owner &= sv[:, :, None]                                               # [B, G, D] sorted
+        # the node of a sorted candidate's depth-j prefix: its first candidate's (padded, global)
+        node_g = torch.where(owner, sc_["cand_col"], 0).cummax(1).values + bc["trie_base"]
+    else:
+        perm, sc, sv = None, cands, valid
+        owner = sv[:, :, None].expand(B, G, D)
+        node_g = sc_["cand_col"] + bc["trie_base"]
+    sv = sv[:, :, None]                                                       # [B, G, 1|D]
+    if tok_ok is not None:
+        tok_sorted = tok_ok if perm is None else tok_ok.gather(1, perm[:, :, None].expand(B, G, D))
+        owner = owner & tok_sorted
+        sv = sv & tok_sorted
+    if cand_len is not None and D > 0:
+        deep_ok = torch.arange(D, device=dev)[None, None, :] < cand_len.long()[:, None, None]
+        owner = owner & deep_ok
+        sv = sv & deep_ok
+    return perm, sc, sv, owner, node_g
+
+
 def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num_filled: torch.Tensor,
                      cands: torch.Tensor, cand_valid: torch.Tensor, max_cand_len: int | None = None,
                      window_size: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
@@ -234,54 +297,8 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
         width = torch.where(filled > 0, width, 0)
     n_win = (filled * width - 1).clamp(min=0)
 
-    # ---- candidate trie. Candidates are sorted lexicographically per sequence (invalid last), so
-    # candidates sharing a prefix are adjacent; the first of a run of equal prefixes owns the node.
-    if D == 0:
-        valid = torch.zeros(cand_valid.shape, dtype=torch.bool, device=dev)
-        tok_ok = None
-    else:
-        # a candidate ends before its first negative token (none at all: dropped)
-        tok_ok = (cands >= 0).cumprod(2).bool()                               # [B, G, D]
-        valid = cand_valid.bool() & tok_ok[:, :, 0]
-        if not bool(tok_ok[valid].all()):
-            # padding sorts after every token, so shorter candidates share their prefix nodes
-            cands = torch.where(tok_ok, cands, int(cands.max()) + 1)
-        else:
-            tok_ok = None
-    if num_cands is not None:
-        # keep the newest valid candidates (pools list them oldest first):
-        # a continuation seen again is refreshed to newest, so the newest are the likeliest
-        newer = valid.flip(1).cumsum(1).flip(1)          # valid candidates at this index or after
-        valid = valid & (newer <= num_cands.long()[:, None])
-    if merge and G > 1 and D > 0 and B > 0:
-        perm, ks, bits = _lex_sort(cands, valid)
-        sc = cands.gather(1, perm[:, :, None].expand(B, G, D))
-        if ks is not None:
-            sv = ks != _I64_MAX
-            # sorted candidate i owns its depth-j node iff its first j+1 tokens differ from i-1's,
-            # i.e. the keys differ in their top (j+1)*bits bits
-            shifts = torch.tensor([bits * (D - 1 - j) for j in range(D)], device=dev)
-            diff = ((ks[:, 1:] ^ ks[:, :-1])[:, :, None] >> shifts) != 0
-        else:
-            sv = valid.gather(1, perm)
-            diff = (sc[:, 1:] != sc[:, :-1]).long().cumsum(2) > 0
-        owner = torch.cat([bc["first_row"], diff], 1)
-        owner &= sv[:, :, None]                                               # [B, G, D] sorted
-        # the node of a sorted candidate's depth-j prefix: its first candidate's (padded, global)
-        node_g = torch.where(owner, sc_["cand_col"], 0).cummax(1).values + bc["trie_base"]
-    else:
-        perm, sc, sv = None, cands, valid
-        owner = sv[:, :, None].expand(B, G, D)
-        node_g = sc_["cand_col"] + bc["trie_base"]
-    sv = sv[:, :, None]                                                       # [B, G, 1|D]
-    if tok_ok is not None:
-        tok_sorted = tok_ok if perm is None else tok_ok.gather(1, perm[:, :, None].expand(B, G, D))
-        owner = owner & tok_sorted
-        sv = sv & tok_sorted
-    if cand_len is not None and D > 0:
-        deep_ok = torch.arange(D, device=dev)[None, None, :] < cand_len.long()[:, None, None]
-        owner = owner & deep_ok
-        sv = sv & deep_ok
+    perm, sc, sv, owner, node_g = _candidate_trie(cands, cand_valid, num_cands, cand_len, merge,
+                                                  sc_, bc)
 
     # ---- padded rows: [grid cell (l, c) at l*W + c | trie (depth j, sorted candidate i) at
     # L*W + j*G + i]; the existing slots, in row order, are the nodes in the documented order
