@@ -37,6 +37,36 @@ import torch
 __all__ = ["attention_with_lse", "merge_attention_states"]
 
 
+def _check_shapes(q, k, v, allowed) -> None:
+    """Raise ValueError unless q/k/v/allowed fit :func:`attention_with_lse`'s contract."""
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"expected q/k/v with the same rank >= 3, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch = q.shape[:-3]
+    N, H, d = q.shape[-3:]
+    L, KVH, dk = k.shape[-3:]
+    dv = v.shape[-1]
+    if k.shape[:-3] != batch or v.shape[:-3] != batch:
+        raise ValueError(
+            f"batch dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if dk != d or v.shape[-3:-1] != (L, KVH):
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if KVH == 0 or H % KVH != 0:
+        raise ValueError(f"num_heads {H} not a multiple of num_kv_heads {KVH}")
+    if tuple(allowed.shape) != (*batch, N, L):
+        raise ValueError(
+            f"allowed has shape {tuple(allowed.shape)}, expected "
+            f"{(*batch, N, L)}"
+        )
+
+
 def attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,32 +95,11 @@ def attention_with_lse(
         key get ``out = 0`` and ``lse = -inf`` (never NaN). ``L = 0`` is
         allowed (every row empty).
     """
-    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(
-            f"expected q/k/v with the same rank >= 3, got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    _check_shapes(q, k, v, allowed)
     batch = q.shape[:-3]
     N, H, d = q.shape[-3:]
-    L, KVH, dk = k.shape[-3:]
+    L, KVH = k.shape[-3:-1]
     dv = v.shape[-1]
-    if k.shape[:-3] != batch or v.shape[:-3] != batch:
-        raise ValueError(
-            f"batch dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
-        )
-    if dk != d or v.shape[-3:-1] != (L, KVH):
-        raise ValueError(
-            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
-        )
-    if KVH == 0 or H % KVH != 0:
-        raise ValueError(f"num_heads {H} not a multiple of num_kv_heads {KVH}")
-    if tuple(allowed.shape) != (*batch, N, L):
-        raise ValueError(
-            f"allowed has shape {tuple(allowed.shape)}, expected "
-            f"{(*batch, N, L)}"
-        )
     g = H // KVH
     B = 1
     for s in batch:
