@@ -7,7 +7,8 @@ Per step: pool lookup + tree build + (stand-in targets) + verify + window update
 insert, via ``LookaheadState.propose`` / ``commit``. State is realistic: tokens come from a small
 "active" vocabulary so that keys repeat and the pools are populated (most keys hold G candidates).
 Reports the median over the timed steps after warm-up steps, for B=1 and B=64 at W=15, N=5, G=15
-(``--settings W,N,G ...`` and ``--batches`` for others).
+(``--settings W,N,G ...`` and ``--batches`` for others), with the K=8 context suffix match
+(``--suffix``, 0 = off).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from lade_vllm.proposer import LookaheadState
@@ -42,20 +44,25 @@ def install_phase_timers(state: LookaheadState) -> None:
 
 
 def bench(batch: int, W: int, N: int, G: int, steps: int, warmup: int, active_vocab: int,
-          pool_from_prompt: bool, seed: int = 0, breakdown: bool = False) -> dict:
+          pool_from_prompt: bool, seed: int = 0, breakdown: bool = False,
+          suffix: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    state = LookaheadState(max(batch, 1), W, N, G, pool_from_prompt=pool_from_prompt)
+    state = LookaheadState(max(batch, 1), W, N, G, pool_from_prompt=pool_from_prompt,
+                           suffix_tokens=suffix)
     if breakdown:
         install_phase_timers(state)
     slots = torch.arange(batch)
+    # committed tokens per sequence (the engine reads them from vLLM's token table, untimed)
+    contexts = []
     for s in range(batch):
         prompt = torch.randint(active_vocab, (256,), generator=gen)
         state.start(s, prompt, seed=s)
-    last = torch.randint(active_vocab, (batch,), generator=gen)
+        contexts.append(prompt.numpy())
+    last = torch.from_numpy(np.array([c[-1] for c in contexts]))
     times, nodes, cands, emitted = [], [], [], []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        tree = state.propose(slots, last)
+        tree = state.propose(slots, last, contexts=contexts if suffix else None)
         t1 = time.perf_counter()
         # stand-in for the model: random targets from the active vocabulary (not timed)
         target = torch.randint(active_vocab, (tree.total_nodes,), generator=gen)
@@ -63,6 +70,8 @@ def bench(batch: int, W: int, N: int, G: int, steps: int, warmup: int, active_vo
         result = state.commit(slots, tree, target)
         last = result.emitted.gather(1, (result.num_emitted - 1)[:, None])[:, 0]
         t3 = time.perf_counter()
+        for b, (em, n) in enumerate(zip(result.emitted.tolist(), result.num_emitted.tolist())):
+            contexts[b] = np.concatenate([contexts[b], np.array(em[:n], dtype=np.int64)])
         if step == warmup:
             PHASES.clear()
         if step >= warmup:
@@ -88,6 +97,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=None, metavar="W,N,G",
                     help="several (W, N, G) settings, overriding --window/--ngram/--guess")
     ap.add_argument("--active-vocab", type=int, default=64)
+    ap.add_argument("--suffix", type=int, default=8,
+                    help="suffix_tokens K: the context suffix-match candidate (0 = off)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--breakdown", action="store_true",
                     help="also print the median time of each phase (adds timer overhead)")
@@ -96,12 +107,13 @@ def main() -> None:
     settings = [tuple(int(x) for x in s.split(",")) for s in args.settings] if args.settings \
         else [(args.window, args.ngram, args.guess)]
     for W, N, G in settings:
-        print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={W} N={N} G={G}, "
+        print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={W} N={N} G={G} "
+              f"K={args.suffix}, "
               f"CPU, median over {args.steps} steps after {args.warmup}")
         for pfp in (False, True):
             for b in args.batches:
                 r = bench(b, W, N, G, args.steps, args.warmup, args.active_vocab, pfp,
-                          breakdown=args.breakdown)
+                          breakdown=args.breakdown, suffix=args.suffix)
                 print(f"B={r['B']:3d} pool_from_prompt={int(pfp)}: median {r['median_ms']:.3f} "
                       f"ms/step (p90 {r['p90_ms']:.3f}), {r['nodes_per_seq']:.1f} nodes/seq "
                       f"({r['trie_nodes_per_seq']:.1f} trie)")
