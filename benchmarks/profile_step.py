@@ -12,8 +12,8 @@ Phases (vLLM 0.32 GPUModelRunner, nested ones indented):
       attention      the attention backend's forward, summed over layers
   sample_tokens      sampler/verification, bookkeeping and the next proposal
     sample           _sample (vLLM's RejectionSampler + lade verify)
-      lade_verify    LadeDriver.verify (tree verification, pool/window update, KV move)
-    lade_propose     LadeDriver.propose (pool lookup, window, tree build)
+      lade_verify    LadeRunnerAdapter.verify (tree verification, pool/window update, KV move)
+    lade_propose     LadeRunnerAdapter.propose (pool lookup, window, tree build)
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def _timed(cls, attr: str, name: str) -> None:
 
 
 def instrument() -> None:
-    import lade_vllm  # noqa: F401  (installs the overrides first; timers wrap them)
-    from lade_vllm.driver import LadeDriver
+    import lade_vllm  # noqa: F401  (applies the patch records first; timers wrap them)
+    from lade_vllm.adapter.runner import LadeRunnerAdapter
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -65,8 +65,8 @@ def instrument() -> None:
         _timed(GPUModelRunner, attr, name)
     _timed(CPUAttentionBackendImpl, "forward", "attention")
     _timed(LadeCPUAttentionImpl, "forward", "attention")
-    _timed(LadeDriver, "verify", "lade_verify")
-    _timed(LadeDriver, "propose", "lade_propose")
+    _timed(LadeRunnerAdapter, "verify", "lade_verify")
+    _timed(LadeRunnerAdapter, "propose", "lade_propose")
 
 
 ORDER = ["execute_model", "prepare_inputs", "model_forward", "attention", "sample_tokens",

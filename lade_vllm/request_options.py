@@ -12,8 +12,9 @@ Accepted values of ``extra_args["lade"]`` (absent or ``extra_args=None``: engine
 
 Unknown keys, wrong types (a bool is not an integer) and out-of-range values raise
 :class:`LadeRequestError`, whose message names the field, the value and the allowed range. The
-front-end rejects such a request at admission (lade_vllm.overrides #8 and #9): HTTP 400 on the
-server, a ValueError from ``LLM.generate`` offline; other requests are not affected.
+front-end rejects such a request at admission (the ``InputProcessor._validate_params`` and
+``AsyncLLM.generate`` records in lade_vllm.adapter.frontend): HTTP 400 on the server, a
+ValueError from ``LLM.generate`` offline; other requests are not affected.
 """
 from __future__ import annotations
 
