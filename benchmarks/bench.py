@@ -59,7 +59,7 @@ def run_method(name: str, args) -> list[dict]:
     spec = METHODS[name]
     t0 = time.perf_counter()
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=max(batches), max_model_len=2048,
-              seed=0, speculative_config=spec, disable_log_stats=False,
+              seed=0, speculative_config=spec, disable_log_stats=False, enforce_eager=args.eager,
               worker_extension_cls="tools.testing.ForwardCounter")
     print(f"  [{name}] engine up in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -160,6 +160,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=6, help="prompts per batch-1 run (and minimum)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action="store_true",
+                    help="enforce_eager engines (no torch.compile: faster starts, slower steps)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="repetitions; each runs every method once, in order (interleaved)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
