@@ -135,31 +135,17 @@ def build_tree_plan(
             f"block table has {block_table.shape[1]} columns"
         )
     bt = block_table.index_select(0, rows.req_indices.to(block_table.device))[:, :nblk]
-    return TreeAttnPlan(
-        req_indices=rows.req_indices,
-        query_rows=rows.query_rows,
-        query_valid=query_valid,
-        block_table=bt,
-        prefix_lens=prefix,
-        kv_lens=kv_lens,
-        allowed=allowed,
-        flat_src=rows.flat_src,
-        flat_dst=rows.flat_dst,
-        max_query_len=Tq,
-        max_kv_len=L,
-    )
+    return TreeAttnPlan(req_indices=rows.req_indices, query_rows=rows.query_rows,
+                        query_valid=query_valid, block_table=bt, prefix_lens=prefix,
+                        kv_lens=kv_lens, allowed=allowed, flat_src=rows.flat_src,
+                        flat_dst=rows.flat_dst, max_query_len=Tq, max_kv_len=L)
 
 
 class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    def build(
-        self,
-        common_prefix_len: int,
-        common_attn_metadata: CommonAttentionMetadata,
-        fast_build: bool = False,
-    ) -> LadeCPUAttentionMetadata:
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LadeCPUAttentionMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        tree = None
-        layout = get_step_layout()
+        layout, tree = get_step_layout(), None
         # Cross-attention (over encoder states) has no intra-step mask and
         # encoder-only attention has no decode step: tree layouts only apply
         # to decoder self-attention groups.
