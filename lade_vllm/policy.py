@@ -289,6 +289,11 @@ class _LevelMean:
         self.value = prior
         self.se = 0.0 if fixed else 0.2
 
+    @property
+    def measured(self) -> bool:
+        """The value comes from observed steps (or is exactly known), not from the prior."""
+        return self.fixed or len(self.samples) > 0
+
     def add(self, x: float, tick: int) -> None:
         if self.samples.add(x, tick):
             self._estimate()

@@ -68,4 +68,4 @@ class ForwardCounter:
         return {"stats": dict(driver.stats), "history": list(pol.history),
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
                 # per level: its tokens estimate comes from observed steps (not the prior)
-                "measured": [e.weight > 0 for e in pol.tokens], **costs}
+                "measured": [e.measured for e in pol.tokens], **costs}
