@@ -16,7 +16,7 @@ Per sequence b, nodes are laid out contiguously from ``seq_start[b]``:
 
 Every node's ancestors (itself included) are exactly the tokens it may attend to besides the
 committed prefix, and they occupy consecutive positions p..p+depth. This reproduces the lookahead
-attention rules of the paper (Fu et al. 2024, section 3): window nodes never see candidates and vice versa.
+attention rules of the paper (Fu et al. 2024): window nodes never see candidates and vice versa.
 """
 from __future__ import annotations
 
