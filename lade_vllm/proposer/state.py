@@ -108,10 +108,15 @@ class LookaheadState:
                                 num_cands=num_cands, cand_len=cand_len)
 
     def _with_suffix(self, cands, valid, contexts):
-        """Append the context suffix-match candidate after the pool's (padded to one length)."""
-        suf = suffix_candidates(contexts, self.suffix_tokens).to(cands.device)      # [B, K]
+        """Append the context suffix-match candidate after the pool's (padded to one length).
+        No match in the batch: the pool's candidates alone (the tree is the same)."""
+        suf = suffix_candidates(contexts, self.suffix_tokens)                       # [B, K]
+        longest = int((suf >= 0).sum(1).max()) if suf.numel() else 0
+        if longest == 0:
+            return cands, valid
         B, G, D = cands.shape
-        width = max(D, suf.shape[1])
+        suf = suf[:, :longest].to(cands.device)   # the tree gets no deeper than its longest match
+        width = max(D, longest)
         out = torch.full((B, G + 1, width), _EMPTY, dtype=torch.long, device=cands.device)
         out[:, :G, :D] = cands
         out[:, G, :suf.shape[1]] = suf
