@@ -38,7 +38,6 @@ from lade_vllm.sampling import verify_subtree
 class RequestInfo:
     """What the engine needs to know about a request, read once from its sampling params."""
     eligible: bool
-    seeded_sampled: bool = False           # a seed and temperature > 0
     window_size: int | None = None         # per-request caps (extra_args["lade"])
     ngram_size: int | None = None
     guess_set_size: int | None = None
@@ -168,13 +167,6 @@ class LadeEngine:
             info = self.requests[req_id] = batch.info_of(req_id)
         return info
 
-    def _pinned(self, info: RequestInfo) -> bool:
-        """Seeded sampled requests decode with the full tree every step, whatever the policy
-        picks for the others: how many random draws a step consumes from the request's generator
-        depends on its tree, so a timing-driven tree choice would make the same seed give
-        different text run to run."""
-        return self.policy.enabled and info.seeded_sampled
-
     def _slot_for(self, req_id: str, info: RequestInfo, tokens: np.ndarray) -> int | None:
         slot = self.slot_of.get(req_id)
         if slot is None:
@@ -212,17 +204,15 @@ class LadeEngine:
         self.stats["steps"] += 1
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
         if level == OFF:
-            rows = [r for r in rows if r[5]]   # pinned requests keep their tree
-            if not rows:
-                return out  # plain decoding this step; the slots catch up when trees resume
+            return out  # plain decoding this step; the slots catch up when trees resume
         self.pending = prop = self._build(rows, level, batch.token_ids)
         for (row, *_), drafts in zip(rows, prop.drafts):
             out[row] = drafts
         return out
 
     def _lade_rows(self, batch: ProposeBatch) -> list[tuple]:
-        """(row, request id, slot, last token, committed tokens, pinned) of the rows that get a
-        tree, allocating slots for new requests."""
+        """(row, request id, slot, last token, committed tokens) of the rows that get a tree,
+        allocating slots for new requests."""
         rows = []
         for i, sampled in enumerate(batch.sampled):
             if not sampled:
@@ -241,18 +231,18 @@ class LadeEngine:
             slot = self._slot_for(req_id, info, batch.token_ids[i, :num])
             if slot is None:
                 continue
-            rows.append((i, req_id, slot, sampled[-1], num, self._pinned(info)))
+            rows.append((i, req_id, slot, sampled[-1], num))
         return rows
 
     def _build(self, rows: list[tuple], level: int, token_ids: np.ndarray) -> Proposal:
-        rows_i, req_ids, slots, lasts, nums, pinned = (list(x) for x in zip(*rows))
+        rows_i, req_ids, slots, lasts, nums = (list(x) for x in zip(*rows))
         self._catch_up(rows_i, slots, nums, token_ids)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
-        tree_args = self._tree_args(slots_t, level, torch.tensor(pinned, dtype=torch.bool))
+        tree_args = self._tree_args(slots_t, level)
         contexts = [token_ids[i, :n] for i, n in zip(rows_i, nums)]
         tree = self.state.propose(slots_t, lasts_t, contexts=contexts, **tree_args)
         prop = storage_order(req_ids, slots_t, lasts_t, tree)
-        prop.level = FULL if all(pinned) else (level if not any(pinned) else None)
+        prop.level = level
         prop.tree_args = tree_args
         return prop
 
@@ -267,13 +257,13 @@ class LadeEngine:
                 self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
                 self.synced[slot] = num
 
-    def _tree_args(self, slots: torch.Tensor, level: int, pinned: torch.Tensor) -> dict:
+    def _tree_args(self, slots: torch.Tensor, level: int) -> dict:
         args = {}
         if level in (CHAIN, LOOKUP):
-            args["use_window"] = pinned.clone()  # pinned requests keep their full tree
+            args["use_window"] = torch.zeros(slots.numel(), dtype=torch.bool)
         if self.capped_slots or level == CHAIN:
             cands = self.slot_cands[slots]
-            args["num_cands"] = torch.where(pinned, cands, 1) if level == CHAIN else cands
+            args["num_cands"] = torch.ones_like(cands) if level == CHAIN else cands
             args["cand_len"] = self.slot_cand_len[slots]
         return args
 
@@ -347,6 +337,11 @@ class LadeEngine:
             rows.append(st)
         return torch.cat(rows)
 
+    def node_depths(self, ctx: StepContext) -> np.ndarray:
+        """[M] depth in its tree of each row of the plan's requests (rows concatenated)."""
+        prop, plan = ctx.proposal, ctx.plan
+        return np.concatenate([prop.depth[k][:n] for k, n in zip(plan.prop_idx, plan.num_nodes)])
+
     def min_p(self, ctx: StepContext) -> list[float]:
         """min_p of each plan request (0 when off)."""
         infos = (self.requests.get(ctx.proposal.req_ids[k]) for k in ctx.plan.prop_idx)
@@ -391,9 +386,8 @@ class LadeEngine:
         num_em, em = res.num_emitted.tolist(), res.emitted.tolist()
         acc = res.accepted_nodes.tolist()
         np.add.at(self.synced, slots.numpy(), res.num_emitted.numpy())
-        if prop.level is not None:
-            self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
-                                      float(tree.num_nodes.sum()) / len(num_em) - 1.0)
+        self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
+                                  float(tree.num_nodes.sum()) / len(num_em) - 1.0)
         for b, j in enumerate(full):
             k = plan.prop_idx[j]
             lo = int(tree.seq_start[b])

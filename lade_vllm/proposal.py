@@ -24,7 +24,7 @@ class Proposal:
     parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
     depth: list[np.ndarray]      # per request: storage-order depth
     num_trie: list[int] = field(default_factory=list)  # per request: candidate (trie) nodes
-    level: int | None = FULL     # adaptive policy level of this step (None: mixed, see pinned)
+    level: int = FULL            # adaptive policy level of this step
     tree_args: dict = field(default_factory=dict)  # per-request [B] tensors given to propose
 
 

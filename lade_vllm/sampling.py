@@ -18,10 +18,12 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
    applied per node row with the request's min_p;
 4. top-k / top-p: ``apply_top_k_top_p`` (``v1/sample/ops/topk_topp_sampler.py``), the same masking
    function vLLM's CPU and native samplers call;
-5. one draw per node row by the exponential race ``argmax(softmax / q)``, q ~ Exp(1) (vLLM's
-   ``random_sample`` / ``sample_with_exponential_noise``), with the noise of a seeded request drawn
-   from that request's ``torch.Generator`` (``SamplingMetadata.generators``) so that seeded requests
-   are reproducible run to run.
+5. one draw per node row with the noise vLLM's sampler uses for one token: on CPU
+   (``TopKTopPSampler.forward_cpu``) one seed per row and ``torch.ops._C.fused_gumbel_argmax``,
+   elsewhere the exponential race ``argmax(softmax / q)`` (``random_sample``). A row at depth d
+   uses the noise of the output position d steps ahead; a seeded request draws those positions'
+   noise from its ``torch.Generator`` (``SamplingMetadata.generators``) in order and is rewound to
+   the emitted positions after acceptance, so its text equals vanilla's for the same seed.
 
 vLLM 0.32 refuses min_p and logit_bias requests whenever speculation is configured
 (``SamplingParams._validate_spec_decode``) and then builds only the MinTokens processor
@@ -39,6 +41,7 @@ recomputes those entries from the right rows, with the same ``compute_logprobs``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import numpy as np
 import torch
@@ -119,23 +122,76 @@ def process_logits(x: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
     return apply_top_k_top_p(x, k, p)
 
 
-def sample_rows(x: torch.Tensor, reqs: list[RequestRows], generators: dict) -> torch.Tensor:
-    """One independent draw per row of processed logits ``x`` [M, V]; seeded requests draw their
-    noise from their own generator (one call per request)."""
-    probs = x.softmax(dim=-1, dtype=torch.float32)
-    q = torch.empty_like(probs)
-    seeded = [(r, generators[r.batch_idx]) for r in reqs if r.batch_idx in generators]
-    if len(seeded) < len(reqs):
+@dataclass
+class SeededStream:
+    """A seeded request's generator during one tree step: ``states[k]`` is the generator after
+    the noise of k output positions was drawn (``states[0]``: before the step)."""
+    gen: torch.Generator
+    states: list
+
+    def rewind(self, num_emitted: int) -> None:
+        """Leave the generator after the positions actually emitted: the noise drawn for deeper
+        positions is drawn again, for the same positions, by the next step."""
+        self.gen.set_state(self.states[num_emitted])
+
+
+def noise_kind(sampler) -> str:
+    """How vLLM's sampler draws one token's noise: ``"fused"`` (vLLM CPU's ``forward_cpu``: one
+    seed from the generator, Gumbel noise by ``torch.ops._C.fused_gumbel_argmax``), else the
+    exponential race with float32 or float64 noise (``random_sample``)."""
+    tts = getattr(sampler, "topk_topp_sampler", None)
+    fp64 = bool(getattr(tts, "use_fp64_gumbel", False))
+    if getattr(getattr(tts, "forward", None), "__name__", "") == "forward_cpu" and not fp64:
+        return "fused"
+    return "float64" if fp64 else "float32"
+
+
+def sample_rows(x: torch.Tensor, reqs: list[RequestRows], generators: dict,
+                depths: torch.Tensor, kind: str = "float32"
+                ) -> tuple[torch.Tensor, dict[int, SeededStream]]:
+    """One draw per row of processed logits ``x`` [M, V] (the rows of ``reqs``, concatenated).
+
+    A row at tree depth d samples the output position d steps after the request's next one, with
+    that position's noise: rows at one depth share it. Only one row per depth can lie on the
+    accepted path, and the noise of position d is independent of what decided the path up to d,
+    so every emitted token is an exact sample (lade_vllm.proposer.verify). A seeded request draws
+    the noise of its positions from its generator in order, exactly as vLLM's sampler draws one
+    token's noise per step (``kind``, see :func:`noise_kind`); the returned streams are rewound to
+    the emitted positions after acceptance, so the request's text does not depend on its trees.
+    Returns (tokens [M], {batch index: SeededStream})."""
+    M, V = x.shape
+    depths = torch.as_tensor(depths, dtype=torch.long)
+    fused = kind == "fused"
+    if fused:
+        seeds = torch.randint(0, 2**31, (M,), dtype=torch.long)
+    else:
+        probs = x.softmax(dim=-1, dtype=torch.float32)
+        q = torch.empty(probs.shape, dtype=torch.float64 if kind == "float64" else torch.float32,
+                        device=probs.device)
         q.exponential_()
+    streams: dict[int, SeededStream] = {}
     lo = 0
-    offsets = {}
     for r in reqs:
-        offsets[r.batch_idx] = lo
+        gen = generators.get(r.batch_idx)
+        if gen is not None:
+            d = depths[lo:lo + r.num]
+            stream = streams[r.batch_idx] = SeededStream(gen, [gen.get_state()])
+            if fused:
+                per = torch.empty(int(d.max()) + 1, dtype=torch.long)
+                for k in range(per.numel()):
+                    per[k] = torch.randint(0, 2**31, (1,), generator=gen, dtype=torch.long).item()
+                    stream.states.append(gen.get_state())
+                seeds[lo:lo + r.num] = per[d]
+            else:
+                per = torch.empty((int(d.max()) + 1, V), dtype=q.dtype, device=q.device)
+                for k in range(per.shape[0]):
+                    per[k].exponential_(generator=gen)
+                    stream.states.append(gen.get_state())
+                q[lo:lo + r.num] = per[d.to(q.device)]
         lo += r.num
-    for r, gen in seeded:
-        o = offsets[r.batch_idx]
-        q[o:o + r.num].exponential_(generator=gen)
-    return probs.div_(q).argmax(dim=-1)
+    if fused:
+        return torch.ops._C.fused_gumbel_argmax(x.to(torch.float32).contiguous(), seeds), streams
+    return probs.div_(q).argmax(dim=-1), streams
 
 
 @dataclass
@@ -144,12 +200,16 @@ class NodeTargets:
     target: torch.Tensor                 # [M] argmax (greedy rows) or an independent sample
     sampled: torch.Tensor                # [M] bool, row belongs to a sampled request
     processed: torch.Tensor | None       # [M, V] processed logits (processed logprobs modes)
+    streams: dict = field(default_factory=dict)  # batch index -> SeededStream (seeded requests)
 
 
 def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
                  min_p_of: list[float], keep_processed: bool = False,
-                 need_sample: torch.Tensor | None = None) -> NodeTargets:
+                 need_sample: torch.Tensor | None = None, depths=None,
+                 kind: str = "float32") -> NodeTargets:
     """Targets for every logits row of the tree requests ``reqs`` (rows concatenated in order).
+    ``depths`` [M]: each row's depth in its tree (rows at one depth share the noise of one output
+    position, :func:`sample_rows`); ``kind``: vLLM's noise (:func:`noise_kind`).
 
     ``need_sample`` [M] bool: rows of sampled requests whose target verification reads (the root
     and the trie); the others keep the argmax (window nodes: their targets only feed the pool),
@@ -194,9 +254,13 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
         xr = x.index_select(0, rows)
     elif rand_reqs:      # only the sampled requests' rows
         xr = process_logits(x.index_select(0, rows), rand_reqs, sampling_metadata, min_p_rand)
+    streams = {}
     if rand_reqs:
-        target[rows] = sample_rows(xr, rand_reqs, sampling_metadata.generators).to(target.dtype)
-    return NodeTargets(argmax.cpu(), target.cpu(), req_sampled, x if keep_processed else None)
+        d = torch.as_tensor(depths, dtype=torch.long)[rows.cpu()]
+        tok, streams = sample_rows(xr, rand_reqs, sampling_metadata.generators, d, kind)
+        target[rows] = tok.to(target.dtype)
+    return NodeTargets(argmax.cpu(), target.cpu(), req_sampled, x if keep_processed else None,
+                       streams)
 
 
 def _per_req(row_flag: torch.Tensor, reqs: list[RequestRows]) -> list[bool]:
@@ -215,6 +279,7 @@ class TreeOutput:
     tokens: list[list[int]] = field(default_factory=list)
     # logprobs of every emitted token (flattened over tree requests), or None
     logprobs: object | None = None
+    seeded: list[int] = field(default_factory=list)   # requests sampled from their generators
 
     def write(self, out) -> None:
         sampled = out.sampled_token_ids
@@ -277,7 +342,8 @@ def verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray,
     return path[::-1]
 
 
-def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata):
+def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata,
+                     sampled_by_tree: Collection[int] = ()):
     """vLLM's own plain sampling step over ONE logits row per request: the row of its last
     committed token (for a tree request the root; for any other request its only row, or the
     first row of a chain lade did not propose). This is ``Sampler.forward`` exactly as a step
@@ -300,6 +366,11 @@ def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata)
     sm = sampling_metadata
     if sm.logprob_token_ids and sm.max_num_logprobs is not None:
         sm = replace(sm, logprob_token_ids=None)   # as vLLM's spec path: top-k logprobs only
+    if any(i in sm.generators for i in sampled_by_tree):
+        # the tree sampled these requests' tokens from their generators; their root rows here
+        # are overwritten, so they must not draw from the generators again
+        sm = replace(sm, generators={i: g for i, g in sm.generators.items()
+                                     if i not in sampled_by_tree})
     out = sampler(logits=logits.index_select(0, roots), sampling_metadata=sm)
     sampled = out.sampled_token_ids                                            # [B, 1]
     full = torch.full((B, S), -1, dtype=sampled.dtype, device=sampled.device)

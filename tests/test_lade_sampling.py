@@ -26,7 +26,7 @@ import pytest
 from helpers import FULL, LADE_TREES, close_llm, make_llm
 from tools import measure, prompts
 
-NUM_SAMPLES = 1000 if FULL else 120
+NUM_SAMPLES = 1000 if FULL else 80
 SAMPLE_LEN = 8
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
 

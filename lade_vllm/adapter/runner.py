@@ -36,7 +36,7 @@ from lade_vllm.eligibility import is_eligible
 from lade_vllm.engine import Accepted, LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
-    sample_root_rows
+    noise_kind, sample_root_rows
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
@@ -45,13 +45,12 @@ def request_info(sp, cfg: LadeConfig) -> RequestInfo:
     """A request's RequestInfo from its ``SamplingParams`` (None: not eligible)."""
     if sp is None or not is_eligible(sp, cfg):
         return RequestInfo(eligible=False)
-    seeded = sp.seed is not None and sp.temperature > 0
     min_p = float(getattr(sp, "min_p", 0.0) or 0.0)
     extra = getattr(sp, "extra_args", None)
     if not extra or extra.get("lade") in (None, True):
-        return RequestInfo(True, seeded, min_p=min_p)
+        return RequestInfo(True, min_p=min_p)
     opts = parse_request_options(extra, cfg)  # dict or its JSON text (HTTP vllm_xargs)
-    return RequestInfo(True, seeded, opts.window_size, opts.ngram_size, opts.guess_set_size,
+    return RequestInfo(True, opts.window_size, opts.ngram_size, opts.guess_set_size,
                        min_p)
 
 
@@ -145,9 +144,15 @@ class LadeRunnerAdapter:
                                                                    "processed_logprobs")
             acceptable = self.engine.acceptance_rows(ctx)
             nt = node_targets(logits, reqs, sampling_metadata, self.engine.min_p(ctx),
-                              keep_processed, need_sample=acceptable)
+                              keep_processed, need_sample=acceptable,
+                              depths=self.engine.node_depths(ctx), kind=noise_kind(sampler))
             acc = self.engine.accept(ctx, nt.target, nt.sampled, acceptable)
-            return self._emit(ctx, acc, reqs, logits, nt.processed, sampling_metadata, sampler)
+            for r, emitted in zip(reqs, acc.emitted):   # seeded: next step's noise continues here
+                if r.batch_idx in nt.streams:
+                    nt.streams[r.batch_idx].rewind(len(emitted))
+            out = self._emit(ctx, acc, reqs, logits, nt.processed, sampling_metadata, sampler)
+            out.seeded = list(nt.streams)
+            return out
 
     def _emit(self, ctx, acc: Accepted, reqs, logits, processed, sampling_metadata, sampler
               ) -> TreeOutput:
@@ -215,7 +220,8 @@ class LadeRejectionSampler(RejectionSampler):
         tree_out = None
         if adapter.plan is not None:
             tree_out = adapter.verify(metadata, logits, sampling_metadata, self.sampler)
-        out = sample_root_rows(self.sampler, metadata, logits, sampling_metadata)
+        out = sample_root_rows(self.sampler, metadata, logits, sampling_metadata,
+                               tree_out.seeded if tree_out is not None else ())
         if tree_out is not None:
             tree_out.write(out)
         return out

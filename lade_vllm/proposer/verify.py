@@ -1,8 +1,9 @@
 """Exact verification of the candidate trie of a ``StepTree``.
 
 Input: one target token per node, ``target`` [T]. Greedy: the argmax of the target logits at that
-node. Sampling: one token drawn from the target's (processed) distribution at that node, independently
-per node.
+node. Sampling: one token drawn from the target's (processed) distribution at that node, with noise
+independent across depths (nodes at one depth may share it: lade_vllm.sampling gives every node at
+depth d the noise of output position d).
 
 Rule: starting at the root, repeatedly move to the child trie node whose token equals the target token
 of the current node; stop when there is none. Emit the tokens of the accepted nodes plus the target
@@ -13,7 +14,9 @@ distinct tokens and drafts are deterministic, so multi-draft rejection sampling 
 x in turn, accept with probability p(x) renormalised over the not-yet-rejected tokens, else zero it;
 if all reject, sample the residual) picks child x exactly with probability p(x) and otherwise samples
 from p restricted to non-children: the same law as drawing y ~ p and following the child equal to y.
-So emitted tokens follow the target distribution exactly.
+So emitted tokens follow the target distribution exactly. Sharing noise within a depth changes
+nothing: the accepted path holds one node per depth, the node at depth d is decided by the noise of
+depths < d only, and the noise of depth d then draws its target as a fresh sample.
 
 On a tree built with ``merge=False`` (siblings may repeat tokens) the earliest longest candidate wins.
 """

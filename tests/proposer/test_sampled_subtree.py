@@ -92,14 +92,37 @@ def test_sample_rows_seeded_and_distributed():
     torch.manual_seed(0)
     logits = torch.randn(6, 5)
     reqs = [RequestRows(batch_idx=0, start=0, num=3), RequestRows(batch_idx=3, start=3, num=3)]
+    depths = torch.tensor([0, 1, 2, 0, 1, 2])
     gens = {3: torch.Generator().manual_seed(11)}
-    a = sample_rows(logits.clone(), reqs, gens)
+    a, _ = sample_rows(logits.clone(), reqs, gens, depths)
     gens = {3: torch.Generator().manual_seed(11)}
-    b = sample_rows(logits.clone(), reqs, gens)
+    b, _ = sample_rows(logits.clone(), reqs, gens, depths)
     assert torch.equal(a[3:], b[3:])                       # the seeded request's rows
     # every row follows softmax(row), independently
-    draws = torch.stack([sample_rows(logits.clone(), reqs, {}) for _ in range(4000)])
+    draws = torch.stack([sample_rows(logits.clone(), reqs, {}, depths)[0] for _ in range(4000)])
     probs = logits.softmax(-1)
     for r in range(6):
         freq = torch.bincount(draws[:, r], minlength=5).float() / draws.shape[0]
         assert (freq - probs[r]).abs().max() < 0.03, (r, freq, probs[r])
+
+
+def test_seeded_rows_use_the_noise_of_their_output_position():
+    """A seeded request's row at depth d samples with the noise vLLM's sampler would draw for the
+    output position d steps ahead (one float32 exponential per vocabulary entry per position,
+    drawn in order from the request's generator); rewinding after e emitted tokens leaves the
+    generator exactly where e plain steps would have left it."""
+    torch.manual_seed(1)
+    V = 50
+    logits = torch.randn(5, V)
+    depths = torch.tensor([0, 1, 1, 2, 3])                 # two rows share depth 1
+    gen = torch.Generator().manual_seed(7)
+    tok, streams = sample_rows(logits.clone(), [RequestRows(2, 0, 5)], {2: gen}, depths)
+    ref = torch.Generator().manual_seed(7)
+    noise = [torch.empty(V).exponential_(generator=ref) for _ in range(4)]
+    want = [int((logits[i].softmax(-1) / noise[int(depths[i])]).argmax()) for i in range(5)]
+    assert tok.tolist() == want
+    streams[2].rewind(2)                                   # two tokens emitted this step
+    ref = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        torch.empty(V).exponential_(generator=ref)
+    assert torch.equal(torch.rand(8, generator=gen), torch.rand(8, generator=ref))
