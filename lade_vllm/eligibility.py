@@ -2,7 +2,7 @@
 
 Tree verification is exact for any request whose next-token distribution at a tree node depends on
 the node's logits alone: greedy, and temperature sampling with top_k / top_p / min_p and logit bias
-(processed per node, ``lade_vllm.sampling``), with or without logprobs / prompt_logprobs. Anything
+(processed per node, ``lade_vllm.adapter.sampling``), with or without logprobs / prompt_logprobs. Anything
 whose distribution also depends on the tokens generated so far or on external state (penalties,
 bad words, structured output, min_tokens) or that lade does not process per node (allowed token
 ids, logprob_token_ids, trace replay) is decoded without speculation in the same batch, and a

@@ -10,7 +10,7 @@ moves, emitted tokens) back into vLLM. One step:
 2. ``plan(ScheduledBatch)``: which pending trees the scheduler kept (whole or truncated), their
    positions p + depth and ancestor masks: a fresh :class:`StepContext` in ``step``.
 3. after the forward, verification in three stages: ``acceptance_rows`` / ``min_p`` tell the adapter
-   which logits rows need a target (it computes them: argmax or a sample, lade_vllm.sampling);
+   which logits rows need a target (it computes them: argmax or a sample, lade_vllm.adapter.sampling);
    ``accept(ctx, target)`` commits the whole trees to the lookahead state (the proposed trees
    themselves, restricted to the committed requests: never proposed twice) and walks the truncated
    ones; the returned :class:`Accepted` holds the emitted tokens, accepted paths and the KV moves
@@ -31,7 +31,7 @@ from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
 from lade_vllm.proposer import LookaheadState
 from lade_vllm.proposer.tree import StepTree
-from lade_vllm.sampling import verify_subtree
+from lade_vllm.proposer.verify import verify_subtree
 
 
 @dataclass(frozen=True)

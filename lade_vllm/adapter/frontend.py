@@ -128,5 +128,5 @@ PATCHES = [
               "inside a 200 event stream)"),
     Patch("vllm.sampling_params.SamplingParams._validate_spec_decode", wrap_validate_spec_decode,
           why="vLLM refuses min_p / logit_bias under any speculation; lade applies them per tree "
-              "node (lade_vllm.sampling), so admit them for lade only"),
+              "node (lade_vllm.adapter.sampling), so admit them for lade only"),
 ]

@@ -15,7 +15,7 @@ drafter and rejection sampler it builds: ``runner.drafter = LadeProposer(adapter
    keeps the trees' KV slots and publishes the tree layout (``lade_vllm.attention.set_step_layout``).
 3. The forward (vLLM's, tree-masked attention for tree requests).
 4. ``LadeRejectionSampler.forward`` -> ``LadeRunnerAdapter.verify``: targets per node
-   (``lade_vllm.sampling.node_targets``) -> ``LadeEngine.accept`` -> emit: the tokens and logprobs
+   (``lade_vllm.adapter.sampling.node_targets``) -> ``LadeEngine.accept`` -> emit: the tokens and logprobs
    for vLLM's output (``TreeOutput``) and the accepted path's KV moved to p+1..p+a (``KVMover``).
 
 This module imports vLLM (``RejectionSampler``); the engine does not.
@@ -35,7 +35,7 @@ from lade_vllm.config import LadeConfig
 from lade_vllm.eligibility import is_eligible
 from lade_vllm.engine import Accepted, LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
 from lade_vllm.request_options import parse_request_options
-from lade_vllm.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
+from lade_vllm.adapter.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
     noise_kind, sample_root_rows
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
@@ -128,7 +128,7 @@ class LadeRunnerAdapter:
         accepted path's KV. Returns the tree requests' emitted tokens (and logprobs), which the
         caller writes over vLLM's output rows.
 
-        Per-node targets come from ``lade_vllm.sampling.node_targets``: argmax for greedy
+        Per-node targets come from ``lade_vllm.adapter.sampling.node_targets``: argmax for greedy
         requests, an independent sample of the request's processed distribution for sampled
         ones at the root and trie nodes (window nodes keep the argmax: they only feed the pool)."""
         with _Timed(self.engine.stats):

@@ -2,7 +2,7 @@
 
 Input: one target token per node, ``target`` [T]. Greedy: the argmax of the target logits at that
 node. Sampling: one token drawn from the target's (processed) distribution at that node, with noise
-independent across depths (nodes at one depth may share it: lade_vllm.sampling gives every node at
+independent across depths (nodes at one depth may share it: lade_vllm.adapter.sampling gives every node at
 depth d the noise of output position d).
 
 Rule: starting at the root, repeatedly move to the child trie node whose token equals the target token
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .tree import StepTree
@@ -62,3 +63,30 @@ def verify_tree(tree: StepTree, target: torch.Tensor) -> VerifyResult:
     emitted.scatter_(1, num_acc[:, None], target[last][:, None])
     return VerifyResult(emitted=emitted, num_emitted=num_acc + 1, accepted_nodes=accepted,
                         num_accepted=num_acc, last_node=last)
+
+
+def verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray,
+                   acceptable: np.ndarray | None = None) -> list[int]:
+    """Accepted storage indices (path order, root excluded) of one (possibly truncated) tree whose
+    nodes are in topological order: a node is accepted when its parent is and its token equals its
+    parent's target; the deepest accepted node wins (earliest on ties).
+
+    ``acceptable`` [n] bool restricts acceptance to some nodes. Sampled requests pass the trie
+    only: its siblings have distinct tokens, whereas a window node may repeat a trie sibling's
+    token, and choosing between two equal-token children by how deep they go would pick by the
+    children's own samples, biasing the next emitted token."""
+    n = parent.shape[0]
+    ok = np.zeros(n, dtype=bool)
+    ok[0] = True
+    for i in range(1, n):
+        ok[i] = ok[parent[i]] and tokens[i] == target[parent[i]] and (
+            acceptable is None or bool(acceptable[i]))
+    depth = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        depth[i] = depth[parent[i]] + 1
+    best = int(np.argmax(np.where(ok, depth, -1)))
+    path = []
+    while best > 0:
+        path.append(best)
+        best = int(parent[best])
+    return path[::-1]

@@ -1,4 +1,4 @@
-"""Sampled verification of a scheduled (possibly truncated) tree, ``lade_vllm.sampling``:
+"""Sampled verification of a scheduled (possibly truncated) tree, ``lade_vllm.adapter.sampling``:
 emitted tokens follow the model's distribution exactly when acceptance is restricted to the trie,
 and seeded per-row sampling is reproducible and follows softmax."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from lade_vllm.sampling import RequestRows, sample_rows, verify_subtree
+from lade_vllm.adapter.sampling import RequestRows, sample_rows
+from lade_vllm.proposer.verify import verify_subtree
 
 V = 3
 

@@ -1,4 +1,5 @@
-"""Per-node targets and per-token logprobs for lookahead tree verification under vLLM's sampling.
+"""Per-node targets and per-token logprobs for lookahead tree verification under vLLM's sampling
+(the adapter's half of verification; acceptance itself is lade_vllm.engine / lade_vllm.proposer.verify).
 
 Tree verification (``lade_vllm.proposer.verify``) needs one target token per tree node: the argmax
 for greedy requests, and for sampled requests an INDEPENDENT sample from the distribution vLLM's
@@ -45,8 +46,9 @@ from typing import Collection
 
 import numpy as np
 import torch
-
-_SAMPLING_EPS = 1e-5  # vllm/v1/sample/sampler.py _SAMPLING_EPS
+from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm.v1.sample.sampler import _SAMPLING_EPS, Sampler
 
 
 @dataclass
@@ -66,7 +68,6 @@ def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
 def _logit_bias_of(sampling_metadata) -> dict:
     """{batch index: {token id: bias}} as vLLM's ``LogitBiasLogitsProcessor`` holds it this step
     (built under lade by the ``build_logitsprocs`` record, lade_vllm.adapter.runtime), or {} when there is none."""
-    from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
     procs = getattr(sampling_metadata, "logitsprocs", None)
     for proc in (procs.non_argmax_invariant if procs is not None else ()):
         if isinstance(proc, LogitBiasLogitsProcessor):
@@ -103,9 +104,6 @@ def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def process_logits(x: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
                    min_p_of: list[float]) -> torch.Tensor:
     """Steps 2-4 of the module docstring, in place on ``x`` [M, V] float32 (rows of ``reqs``)."""
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-    from vllm.v1.sample.sampler import Sampler
-
     temp = _expand(sampling_metadata.temperature, reqs).to(x.device)
     x = Sampler.apply_temperature(x, temp, all_random=False)
     counts = [r.num for r in reqs]
@@ -313,33 +311,6 @@ def emitted_logprobs(sampler, logits: torch.Tensor, processed: torch.Tensor | No
     lp = x if mode in ("raw_logits", "processed_logits") else sampler.compute_logprobs(x)
     return sampler.gather_logprobs(lp, max_num_logprobs,
                                    torch.tensor(tokens, dtype=torch.int64, device=lp.device))
-
-
-def verify_subtree(parent: np.ndarray, tokens: np.ndarray, target: np.ndarray,
-                   acceptable: np.ndarray | None = None) -> list[int]:
-    """Accepted storage indices (path order, root excluded) of one (possibly truncated) tree whose
-    nodes are in topological order: a node is accepted when its parent is and its token equals its
-    parent's target; the deepest accepted node wins (earliest on ties).
-
-    ``acceptable`` [n] bool restricts acceptance to some nodes. Sampled requests pass the trie
-    only: its siblings have distinct tokens, whereas a window node may repeat a trie sibling's
-    token, and choosing between two equal-token children by how deep they go would pick by the
-    children's own samples, biasing the next emitted token."""
-    n = parent.shape[0]
-    ok = np.zeros(n, dtype=bool)
-    ok[0] = True
-    for i in range(1, n):
-        ok[i] = ok[parent[i]] and tokens[i] == target[parent[i]] and (
-            acceptable is None or bool(acceptable[i]))
-    depth = np.zeros(n, dtype=np.int64)
-    for i in range(1, n):
-        depth[i] = depth[parent[i]] + 1
-    best = int(np.argmax(np.where(ok, depth, -1)))
-    path = []
-    while best > 0:
-        path.append(best)
-        best = int(parent[best])
-    return path[::-1]
 
 
 def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata,
