@@ -1,12 +1,12 @@
 """Which requests may be decoded with lookahead trees (the rest decode normally, never wrongly).
 
-Tree verification is exact for any request whose next-token distribution at a tree node depends on
-the node's logits alone: greedy, and temperature sampling with top_k / top_p / min_p and logit bias
-(processed per node, ``lade_vllm.adapter.sampling``), with or without logprobs / prompt_logprobs. Anything
-whose distribution also depends on the tokens generated so far or on external state (penalties,
-bad words, structured output, min_tokens) or that lade does not process per node (allowed token
-ids, logprob_token_ids, trace replay) is decoded without speculation in the same batch, and a
-warning is logged once per reason: never wrong output.
+Tree verification is exact for any request whose next-token distribution at a tree node lade
+computes per node (``lade_vllm.adapter.sampling``): greedy and temperature sampling with top_k /
+top_p / min_p, logit bias, allowed_token_ids, and the rules that read the tokens generated so far
+(repetition / frequency / presence penalties, bad words: from the committed output plus the node's
+own path), with or without logprobs / prompt_logprobs. Anything else (structured output,
+min_tokens, logprob_token_ids, trace replay, other token-dependent processing) is decoded without
+speculation in the same batch, and a warning is logged once per reason: never wrong output.
 """
 from __future__ import annotations
 
@@ -35,19 +35,13 @@ def ineligible_reason(sp, cfg=None) -> str | None:
         return "logprob_token_ids"
     if getattr(sp, "trace_decode_token_ids", None):
         return "trace_decode_token_ids"
-    if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
-        return "penalties"
     if getattr(sp, "watermarking", None) or getattr(sp, "thinking_token_budget", None) \
             or getattr(sp, "repetition_detection", None) is not None:
         return "token-dependent logits processing"
-    if getattr(sp, "bad_words", None) or getattr(sp, "_bad_words_token_ids", None):
-        return "bad_words"
     if getattr(sp, "structured_outputs", None) is not None:
         return "structured output"
     if sp.min_tokens:
         return "min_tokens"
-    if getattr(sp, "allowed_token_ids", None):
-        return "allowed_token_ids"
     return None
 
 

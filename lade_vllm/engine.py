@@ -342,6 +342,19 @@ class LadeEngine:
         prop, plan = ctx.proposal, ctx.plan
         return np.concatenate([prop.depth[k][:n] for k, n in zip(plan.prop_idx, plan.num_nodes)])
 
+    def node_paths(self, ctx: StepContext) -> list[list[int]]:
+        """Per row of the plan's requests (concatenated): the drafted tokens from the root's child
+        down to the row's node (empty for the root), the tokens a node's logits follow."""
+        prop, plan = ctx.proposal, ctx.plan
+        out: list[list[int]] = []
+        for k, n in zip(plan.prop_idx, plan.num_nodes):
+            parent, drafts = prop.parent[k], prop.drafts[k]
+            paths: list[list[int]] = [[]]
+            for i in range(1, n):       # storage order is topological
+                paths.append(paths[int(parent[i])] + [int(drafts[i - 1])])
+            out.extend(paths)
+        return out
+
     def min_p(self, ctx: StepContext) -> list[float]:
         """min_p of each plan request (0 when off)."""
         infos = (self.requests.get(ctx.proposal.req_ids[k]) for k in ctx.plan.prop_idx)

@@ -38,7 +38,7 @@ class SamplingProbe:
                         sp = getattr(req, "sampling_params", None)
                         self._lade_probe["tagged"].append(
                             (bool(getattr(sp, "logit_bias", None)),
-                             float(getattr(sp, "min_p", 0.0) or 0.0), list(run)))
+                             float(getattr(sp, "min_p", 0.0) or 0.0), list(run), _features(sp)))
                 return out
 
             driver.verify = verify
@@ -47,7 +47,20 @@ class SamplingProbe:
 
     def lade_probe(self) -> dict:
         """warnings; runs: tokens emitted by each tree verification; tagged: the same runs as
-        (request has logit_bias, request's min_p, run)."""
+        (request has logit_bias, request's min_p, run, the request's token rules)."""
         return {"warnings": list(self._lade_probe["warnings"]),
                 "runs": [list(r) for r in self._lade_probe["runs"]],
                 "tagged": list(self._lade_probe["tagged"])}
+
+
+def _features(sp) -> list[str]:
+    """The token rules of a request's SamplingParams that lade applies per tree node."""
+    out = []
+    if sp is not None and (sp.presence_penalty or sp.frequency_penalty
+                           or sp.repetition_penalty != 1.0):
+        out.append("penalties")
+    if getattr(sp, "bad_words", None):
+        out.append("bad_words")
+    if getattr(sp, "allowed_token_ids", None):
+        out.append("allowed_token_ids")
+    return out

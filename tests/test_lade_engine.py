@@ -87,8 +87,8 @@ def test_lade_batch1_identical_to_vanilla_and_beats_ngram_tokens_per_step(
 
 
 def test_mixed_batch_with_ineligible_requests(lade_batch8, vanilla_llm, prompt_sets):
-    """Requests lade cannot speculate (logprobs, penalties, per-request opt-out) share the batch with
-    tree requests; every output still equals vanilla's for the same params."""
+    """Requests with logprobs, a penalty, a per-request opt-out, a short max_tokens or stop
+    strings share the batch with plain tree requests; every output equals vanilla's."""
     from vllm import SamplingParams
     ps = prompt_sets["mtbench"][:6]
     params = [SamplingParams(temperature=0.0, max_tokens=48),

@@ -12,8 +12,9 @@
   lade with trees: greedy + logit_bias equals vanilla token for token; every token sampled with
   min_p passes the min_p threshold at its own tree node; min_p sampling matches vanilla's
   distribution (above) and is reproducible when seeded.
-- Requests lade does not speculate (penalties, bad_words, allowed_token_ids, min_tokens,
-  structured output) are identical to vanilla and each reason is warned about once.
+- Penalties, bad_words and allowed_token_ids are speculated (per-node rules): identical to vanilla,
+  greedy and seeded sampled; requests lade does not speculate (min_tokens, structured output) are
+  identical to vanilla and each reason is warned about once.
 
 Every request is seeded, so the whole module is deterministic.
 """
@@ -219,35 +220,48 @@ def test_stop_conditions_match_vanilla_greedy(lade_llm, vanilla_llm, tokenizer):
     assert stop_hits.count("stop") >= 3, stop_hits
 
 
-# ---- requests lade does not speculate -------------------------------------------------------
-def test_ineligible_features_identical_and_warned_once(lade_llm, vanilla_llm, tokenizer):
+# ---- token rules lade applies per node, and requests it does not speculate ------------------
+def test_token_rules_speculated_other_features_identical_and_warned_once(lade_llm, vanilla_llm,
+                                                                        tokenizer):
+    """Penalties, bad_words and allowed_token_ids are applied at every tree node from the
+    committed output plus the node's path: greedy and seeded sampled outputs equal vanilla's, and
+    those requests were decoded with accepted tree runs, without a warning. min_tokens and
+    structured output are decoded without speculation: identical, warned once per reason."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
     ps = prompts.load("mtbench", 3, tokenizer) + prompts.load("humaneval", 1)
-    kinds = {
-        "penalties": dict(repetition_penalty=1.3, presence_penalty=0.5),
-        "bad_words": dict(bad_words=[" the", " and"]),
+    speculated = {
+        "penalties": dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+        "bad_words": dict(bad_words=[" the", " and", " of the"]),
         "allowed_token_ids": dict(allowed_token_ids=list(range(30, 3000))),
+    }
+    plain = {
         "min_tokens": dict(min_tokens=30),
         "structured output": dict(structured_outputs=StructuredOutputsParams(
             choice=["yes", "no", "maybe"])),
     }
     cases = [(p, SamplingParams(temperature=0.0, max_tokens=32, **kw))
-             for kw in kinds.values() for p in ps[:2]]
+             for kw in (*speculated.values(), *plain.values()) for p in ps[:2]]
+    cases += [(p, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=70 + i, **kw))
+              for i, kw in enumerate(speculated.values()) for p in ps[2:]]
     cases += [(ps[2], SamplingParams(temperature=0.0, max_tokens=32)),           # tree requests
               (ps[3], SamplingParams(temperature=0.0, max_tokens=32))]            # in the batch
     ps_, params = zip(*cases)
     lade_llm.collective_rpc("lade_probe_start")
     got = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
     got2 = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
-    warnings = lade_llm.collective_rpc("lade_probe")[0]["warnings"]
+    probe = lade_llm.collective_rpc("lade_probe")[0]
     want = _outs(vanilla_llm.generate(list(ps_), list(params), use_tqdm=False))
     for k, (g, w) in enumerate(zip(got, want)):
         assert g == w, (k, params[k], g, w)
     assert got2 == got
-    for reason in kinds:
-        hits = [m for m in warnings if f"requests with {reason} are decoded" in m]
-        assert len(hits) == 1, (reason, warnings)
+    for reason in speculated:
+        assert not [m for m in probe["warnings"] if f"requests with {reason}" in m], reason
+        runs = [run for _, _, run, feats in probe["tagged"] if reason in feats]
+        assert runs and max(len(r) for r in runs) > 2, (reason, runs)
+    for reason in plain:
+        hits = [m for m in probe["warnings"] if f"requests with {reason} are decoded" in m]
+        assert len(hits) == 1, (reason, probe["warnings"])
 
 
 # ---- min_p and logit_bias (overrides #10) ---------------------------------------------------
@@ -284,8 +298,8 @@ def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
     """Biases that forbid the unbiased answer's most frequent tokens, or favour a token, change
     the greedy output; lade's is vanilla's token for token (and logprobs), in a batch that also
     holds unbiased requests, and the biased requests were decoded with accepted tree runs.
-    Requests lade does not speculate (here: + a repetition penalty) get min_p and logit_bias from
-    vLLM's Sampler on their root row: equal to vanilla too, seeded sampling included."""
+    With a repetition penalty on top (applied per node from each node's path) the output, seeded
+    min_p sampling included, equals vanilla's too."""
     from vllm import SamplingParams
     ps = prompts.load("humaneval", 2) + prompts.load("mtbench", 2, tokenizer)
     plain = [list(o.outputs[0].token_ids) for o in vanilla_llm.generate(
@@ -301,7 +315,7 @@ def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
         cases.append((p, SamplingParams(temperature=0.0, max_tokens=40)))   # unbiased, same batch
         biases.append(None)
     n_tree = len(cases)
-    for i, (p, out) in enumerate(zip(ps[:2], plain)):   # not speculated: vLLM's Sampler rows
+    for i, (p, out) in enumerate(zip(ps[:2], plain)):   # + a penalty
         ban = {t: -100.0 for t, _ in Counter(out).most_common(2)}
         cases.append((p, SamplingParams(temperature=0.0, max_tokens=40, logit_bias=ban,
                                         repetition_penalty=1.1)))
@@ -330,7 +344,7 @@ def test_logit_bias_greedy_matches_vanilla(lade_llm, vanilla_llm, tokenizer):
                 assert set(lg) == set(lw)
                 assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lw)
     assert changed >= 6, changed   # the biases mattered
-    biased_runs = [run for has_bias, _, run in tagged if has_bias]
+    biased_runs = [run for has_bias, _, run, _ in tagged if has_bias]
     assert max(len(r) for r in biased_runs) > 2, biased_runs
 
 

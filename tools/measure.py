@@ -47,10 +47,10 @@ class RunResult:
         return self.num_tokens / steps if steps > 0 else 0.0
 
 
-def generate(llm, method: str, prompts, sampling_params) -> RunResult:
+def generate(llm, method: str, prompts, sampling_params, progress: bool = False) -> RunResult:
     before = spec_counters(llm)
     start = time.perf_counter()
-    outs = llm.generate(prompts, sampling_params, use_tqdm=False)
+    outs = llm.generate(prompts, sampling_params, use_tqdm=progress)
     seconds = time.perf_counter() - start
     after = spec_counters(llm)
     return RunResult(method=method, texts=[o.outputs[0].text for o in outs],

@@ -36,7 +36,7 @@ from lade_vllm.eligibility import is_eligible
 from lade_vllm.engine import Accepted, LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.adapter.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
-    noise_kind, sample_root_rows
+    needs_paths, noise_kind, sample_root_rows
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
@@ -145,7 +145,9 @@ class LadeRunnerAdapter:
             acceptable = self.engine.acceptance_rows(ctx)
             nt = node_targets(logits, reqs, sampling_metadata, self.engine.min_p(ctx),
                               keep_processed, need_sample=acceptable,
-                              depths=self.engine.node_depths(ctx), kind=noise_kind(sampler))
+                              depths=self.engine.node_depths(ctx), kind=noise_kind(sampler),
+                              paths=self.engine.node_paths(ctx)
+                              if needs_paths(sampling_metadata) else None)
             acc = self.engine.accept(ctx, nt.target, nt.sampled, acceptable)
             for r, emitted in zip(reqs, acc.emitted):   # seeded: next step's noise continues here
                 if r.batch_idx in nt.streams:

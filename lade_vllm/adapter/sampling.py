@@ -47,6 +47,8 @@ from typing import Collection
 import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
+from vllm.v1.sample.ops.bad_words import apply_bad_words
+from vllm.v1.sample.ops.penalties import apply_all_penalties
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.sample.sampler import _SAMPLING_EPS, Sampler
 
@@ -201,26 +203,72 @@ class NodeTargets:
     streams: dict = field(default_factory=dict)  # batch index -> SeededStream (seeded requests)
 
 
+def needs_paths(sampling_metadata) -> bool:
+    """Whether this step's logits processing reads each node's tokens (penalties, bad words)."""
+    return not sampling_metadata.no_penalties or bool(sampling_metadata.bad_words_token_ids)
+
+
+def _row_batch_idx(reqs: list[RequestRows]) -> torch.Tensor:
+    return torch.tensor([r.batch_idx for r in reqs], dtype=torch.long).repeat_interleave(
+        torch.tensor([r.num for r in reqs], dtype=torch.long))
+
+
+def apply_token_rules(x: torch.Tensor, reqs: list[RequestRows], sm, biases: dict,
+                      paths: list[list[int]] | None) -> torch.Tensor:
+    """``Sampler.apply_logits_processors`` on every node row of ``reqs``, in vLLM's order:
+    allowed_token_ids, bad words, logit bias, then repetition / frequency / presence penalties.
+    A node's generated tokens are the request's committed output followed by ``paths[row]`` (the
+    drafted tokens from the root's child down to the node), as vLLM's rejection sampler builds
+    them for each draft position of a chain."""
+    b_rows = _row_batch_idx(reqs)
+    if sm.allowed_token_ids_mask is not None:
+        x.masked_fill_(sm.allowed_token_ids_mask.index_select(0, b_rows.to(x.device)),
+                       float("-inf"))
+    past = None
+    if paths is not None:
+        past = [sm.output_token_ids[b] + p for b, p in zip(b_rows.tolist(), paths)]
+    if sm.bad_words_token_ids:
+        apply_bad_words(x, {row: sm.bad_words_token_ids[b] for row, b in enumerate(b_rows.tolist())
+                            if b in sm.bad_words_token_ids}, past)
+    if biases:
+        x = apply_logit_bias(x, reqs, biases)
+    if not sm.no_penalties:
+        on = ((sm.presence_penalties != 0) | (sm.frequency_penalties != 0)
+              | (sm.repetition_penalties != 1.0)).cpu()[b_rows]
+        rows = on.nonzero()[:, 0]
+        if rows.numel():
+            b = b_rows[rows].to(x.device)
+            at = rows.to(x.device)
+            x[at] = apply_all_penalties(
+                x.index_select(0, at), sm.prompt_token_ids.index_select(0, b),
+                sm.presence_penalties.index_select(0, b), sm.frequency_penalties.index_select(0, b),
+                sm.repetition_penalties.index_select(0, b), [past[i] for i in rows.tolist()])
+    return x
+
+
 def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
                  min_p_of: list[float], keep_processed: bool = False,
                  need_sample: torch.Tensor | None = None, depths=None,
-                 kind: str = "float32") -> NodeTargets:
+                 kind: str = "float32", paths: list[list[int]] | None = None) -> NodeTargets:
     """Targets for every logits row of the tree requests ``reqs`` (rows concatenated in order).
     ``depths`` [M]: each row's depth in its tree (rows at one depth share the noise of one output
-    position, :func:`sample_rows`); ``kind``: vLLM's noise (:func:`noise_kind`).
+    position, :func:`sample_rows`); ``kind``: vLLM's noise (:func:`noise_kind`); ``paths``: per
+    row the drafted tokens leading to its node (when :func:`needs_paths`).
 
     ``need_sample`` [M] bool: rows of sampled requests whose target verification reads (the root
     and the trie); the others keep the argmax (window nodes: their targets only feed the pool),
     which saves the top-k/top-p work there."""
-    biases = _logit_bias_of(sampling_metadata)
-    if sampling_metadata.all_greedy and not biases and not keep_processed:
+    sm = sampling_metadata
+    biases = _logit_bias_of(sm)
+    rules = bool(biases) or needs_paths(sm) or sm.allowed_token_ids_mask is not None
+    if sm.all_greedy and not rules and not keep_processed:
         # argmax straight on the model-dtype rows (the fp32 cast is exact and monotone)
         argmax = torch.cat([logits[r.start:r.start + r.num].argmax(dim=-1) for r in reqs]).cpu()
         return NodeTargets(argmax, argmax, torch.zeros(argmax.shape[0], dtype=torch.bool), None)
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
-    if biases:   # before anything else, as in Sampler.apply_logits_processors (argmax too)
-        x = apply_logit_bias(x, reqs, biases)
+    if rules:    # before the argmax: greedy targets follow them too, as in vLLM's Sampler
+        x = apply_token_rules(x, reqs, sm, biases, paths)
     argmax = x.argmax(dim=-1)
     M = x.shape[0]
     if sampling_metadata.all_greedy:
