@@ -106,7 +106,7 @@ def select_trees(tree: StepTree, sel: torch.Tensor) -> StepTree:
         tokens=tree.tokens[old], depth=tree.depth[old],
         parent=renumber(tree.parent[old], shift[seq]), node_seq=seq, is_trie=tree.is_trie[old],
         seq_start=start, num_nodes=num, root_index=start[:-1],
-        num_window_nodes=tree.num_window_nodes[sel], window_levels=tree.window_levels[sel],
+        window_levels=tree.window_levels[sel],
         window_width=tree.window_width[sel],
         top_level_index=renumber(tree.top_level_index[sel], shift[:, None]),
         cand_node_index=renumber(tree.cand_node_index[sel], shift[:, None, None]),

@@ -131,7 +131,7 @@ def test_select_trees_equals_proposing_the_subset():
     sel = torch.tensor([1, 3, 4])
     mine, theirs = select_trees(tree, sel), state.propose(slots[sel], last[sel])
     for name in ("tokens", "depth", "parent", "node_seq", "is_trie", "seq_start", "num_nodes",
-                 "root_index", "num_window_nodes", "window_levels", "window_width"):
+                 "root_index", "window_levels", "window_width"):
         assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
     target = torch.randint(0, 12, (mine.total_nodes,), generator=g)
     other = copy.deepcopy(state)

@@ -37,7 +37,6 @@ class StepTree:
     seq_start: torch.Tensor        # [B+1] node offsets (cumsum of num_nodes)
     num_nodes: torch.Tensor        # [B]
     root_index: torch.Tensor       # [B] == seq_start[:-1]
-    num_window_nodes: torch.Tensor  # [B] window nodes besides the root
     window_levels: torch.Tensor    # [B] levels fed (0 = no lookahead window for that sequence)
     window_width: torch.Tensor     # [B] columns fed
     top_level_index: torch.Tensor  # [B, W] nodes whose outputs form the next level, -1 pad
@@ -295,7 +294,6 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
         width = window_size.long().clamp(0, W)
         filled = torch.where(width > 0, filled, 0)
         width = torch.where(filled > 0, width, 0)
-    n_win = (filled * width - 1).clamp(min=0)
 
     perm, sc, sv, owner, node_g = _candidate_trie(cands, cand_valid, num_cands, cand_len, merge,
                                                   sc_, bc)
@@ -335,6 +333,6 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
         tokens=tokens, depth=bc["depth"].index_select(0, idx), parent=parent,
         node_seq=bc["seq"].index_select(0, idx), is_trie=bc["trie"].index_select(0, idx),
         seq_start=seq_start, num_nodes=seq_start.diff(), root_index=root,
-        num_window_nodes=n_win, window_levels=filled, window_width=width,
+        window_levels=filled, window_width=width,
         top_level_index=top_level_index, cand_node_index=cand_node_index, cand_len=D,
         max_depth=max(W - 1 + L - 1, D, 0))
