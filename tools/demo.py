@@ -4,7 +4,7 @@ chart of the same numbers.
 
     python -m tools.demo [--prompts 8] [--max-tokens 128] [--dtype bfloat16] [--verbose]
 
-vLLM's own log is kept to warnings unless ``--verbose``; each method shows one progress bar.
+vLLM's own log is kept to errors unless ``--verbose``; each method shows one progress bar.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 ENV_DEFAULTS = {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
 #: and unless --verbose: vLLM, torch's C++ side and Python warnings quiet (engine processes too)
-QUIET = {"VLLM_LOGGING_LEVEL": "WARNING", "TORCH_CPP_LOG_LEVEL": "ERROR",
+QUIET = {"VLLM_LOGGING_LEVEL": "ERROR", "TORCH_CPP_LOG_LEVEL": "ERROR",
          "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
 
 METHODS = {
