@@ -379,7 +379,7 @@ def test_min_p_applied_at_every_tree_node(lade_llm, vanilla_llm, tokenizer):
                                 use_tqdm=False)
     bad, n = below(got)
     bad_free, n_free = below(free)
-    runs = [run for _, m, run in tagged if m == MIN_P]
+    runs = [run for _, m, run, _ in tagged if m == MIN_P]
     print(f"\nmin_p={MIN_P} T={T}: lade tokens below the threshold {bad}/{n}; vanilla without "
           f"min_p {bad_free}/{n_free}; lade runs > 1 token: {sum(len(r) > 1 for r in runs)}"
           f"/{len(runs)}")
