@@ -10,10 +10,10 @@ tokens with exactly the target distribution (proof in the verify module docstrin
 The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible request
 (``vllm/v1/sample/sampler.py``: ``Sampler.forward`` -> ``Sampler.sample``):
 
-1. logits in float32, plus the request's logit bias (``LogitBiasLogitsProcessor.apply``, on every
-   node row, before the argmax too: greedy targets are the biased argmax); no penalties / bad
-   words / allowed ids / min_tokens: those requests are not eligible, see
-   ``lade_vllm.eligibility``;
+1. logits in float32, then ``Sampler.apply_logits_processors``'s steps on every node row, before
+   the argmax too (:func:`apply_token_rules`): allowed_token_ids, bad words, logit bias, penalties,
+   with a node's generated tokens = committed output + its path; min_tokens and structured output
+   are not eligible (``lade_vllm.eligibility``);
 2. temperature: ``Sampler.apply_temperature`` (greedy rows divided by 1);
 3. min_p: the formula of ``MinPLogitsProcessor.apply`` (``v1/sample/logits_processor/builtin.py``),
    applied per node row with the request's min_p;
@@ -61,10 +61,15 @@ class RequestRows:
     num: int            # rows = scheduled tree nodes incl. the root
 
 
+def _row_batch_idx(reqs: list[RequestRows]) -> torch.Tensor:
+    """[M] the batch index of each row of ``reqs`` (rows concatenated in order)."""
+    return torch.tensor([r.batch_idx for r in reqs], dtype=torch.long).repeat_interleave(
+        torch.tensor([r.num for r in reqs], dtype=torch.long))
+
+
 def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
-    idx = torch.tensor([r.batch_idx for r in reqs], dtype=torch.long)
-    counts = torch.tensor([r.num for r in reqs], dtype=torch.long)
-    return per_req.cpu()[idx].repeat_interleave(counts)
+    """A per-request tensor of vLLM's batch, one entry per row of ``reqs``."""
+    return per_req.cpu()[_row_batch_idx(reqs)]
 
 
 def _logit_bias_of(sampling_metadata) -> dict:
@@ -206,11 +211,6 @@ class NodeTargets:
 def needs_paths(sampling_metadata) -> bool:
     """Whether this step's logits processing reads each node's tokens (penalties, bad words)."""
     return not sampling_metadata.no_penalties or bool(sampling_metadata.bad_words_token_ids)
-
-
-def _row_batch_idx(reqs: list[RequestRows]) -> torch.Tensor:
-    return torch.tensor([r.batch_idx for r in reqs], dtype=torch.long).repeat_interleave(
-        torch.tensor([r.num for r in reqs], dtype=torch.long))
 
 
 def apply_token_rules(x: torch.Tensor, reqs: list[RequestRows], sm, biases: dict,
