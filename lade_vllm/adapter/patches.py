@@ -215,7 +215,7 @@ def apply_all(records: list[Patch] = (), platform_ok: bool = True,
               allow_foreign: bool = False) -> PatchRegistry:
     """Apply ``records`` (kept as :data:`LADE_PATCHES`) once per process (later calls return the
     same registry). lade_vllm.register() passes the adapter's tables (``frontend.PATCHES +
-    runtime.PATCHES``).
+    runtime.patches_for(kind)``, kind: the platform's, lade_vllm.adapter.gate).
 
     ``platform_ok`` False: only the records marked ``any_platform`` (lade cannot run here, see
     lade_vllm.adapter.gate; vLLM's runner stays untouched)."""

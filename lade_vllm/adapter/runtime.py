@@ -16,8 +16,14 @@ gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
 * ``build_logitsprocs`` as imported by ``gpu_model_runner``: under any speculative config vLLM builds
   only ``MinTokensLogitsProcessor``; for lade, the builtin processors (MinTokens, LogitBias, MinP) as
   without speculation. The root row goes through vLLM's ``Sampler``; tree rows apply them per node.
-* ``AttentionBackendEnum.CPU_ATTN``: resolves to lade's tree-masked CPU backend
-  (``lade_vllm.attention.cpu_tree``) through vLLM's ``register_backend``.
+* ``GPUModelRunner.initialize_kv_cache``: once the engine's KV cache exists (its dtype, block size
+  and stride order are known) and before it serves, lade's tree attention and KV move are checked
+  against a dense reference on the engine's device (lade_vllm.attention.self_check); a mismatch
+  raises and the engine does not start.
+* The tree backend, one per platform (:func:`tree_backend_patch`): ``AttentionBackendEnum.CPU_ATTN``
+  resolves to lade's tree-masked CPU backend (``lade_vllm.attention.cpu_tree``), or, on CUDA with
+  ``LADE_VLLM_CUDA=1`` only (lade_vllm.adapter.gate), ``FLASH_ATTN`` to
+  ``lade_vllm.attention.cuda_tree``; both through vLLM's ``register_backend``.
 """
 from __future__ import annotations
 
@@ -36,6 +42,26 @@ def wrap_runner_init(original):
             from lade_vllm.adapter.runner import install
             install(self, cfg)
     return __init__
+
+
+def wrap_initialize_kv_cache(original):
+    @functools.wraps(original)
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        original(self, kv_cache_config, *args, **kwargs)
+        profiling = kwargs.get("is_profiling", args[0] if args else False)
+        if getattr(self, "lade_driver", None) is not None and not profiling \
+                and not getattr(self, "lade_self_checked", False):
+            startup_self_check(self)
+            self.lade_self_checked = True
+    return initialize_kv_cache
+
+
+def startup_self_check(runner):
+    """The engine-start self-check of lade's tree attention on ``runner``'s KV cache
+    (lade_vllm.attention.self_check.check_runner); raises ``SelfCheckError`` on a mismatch."""
+    from lade_vllm.adapter.runner import logger
+    from lade_vllm.attention.self_check import check_runner
+    return check_runner(runner, log=logger)
 
 
 def wrap_prepare_inputs(original):
@@ -122,7 +148,7 @@ def _backend_patch(member: str, path: str, why: str) -> Patch:
 CPU_TREE_BACKEND = _backend_patch(
     "CPU_ATTN", "lade_vllm.attention.cpu_tree.LadeCPUAttentionBackend",
     "tree-masked attention over the paged cache (lade_vllm.attention.cpu_tree)")
-#: not applied by default: the CUDA path has not been validated on a GPU
+#: applied only on CUDA with LADE_VLLM_CUDA=1: the CUDA path has not been validated on a GPU
 CUDA_TREE_BACKEND = _backend_patch(
     "FLASH_ATTN", "lade_vllm.attention.cuda_tree.LadeFlashAttentionBackend",
     "tree attention: FlashAttention over the prefix with LSE, dense tree part, merged "
@@ -130,9 +156,12 @@ CUDA_TREE_BACKEND = _backend_patch(
 
 _GMR = "vllm.v1.worker.gpu_model_runner"
 
-PATCHES = [
+#: the records for vLLM's runner and scheduler, on every platform lade runs on
+RUNNER_PATCHES = [
     Patch(f"{_GMR}.GPUModelRunner.__init__", wrap_runner_init,
           why="build lade's drafter and rejection sampler when lade is the speculative method"),
+    Patch(f"{_GMR}.GPUModelRunner.initialize_kv_cache", wrap_initialize_kv_cache,
+          why="self-check lade's tree attention and KV move on the engine's cache before serving"),
     Patch(f"{_GMR}.GPUModelRunner._prepare_inputs", wrap_prepare_inputs,
           why="tree positions (p + depth) and the step's tree layout for attention"),
     Patch(f"{_GMR}.GPUModelRunner.sample_tokens", wrap_sample_tokens,
@@ -141,5 +170,19 @@ PATCHES = [
           why="count window nodes as invalid drafts, so the drafted-token metrics leave them out"),
     Patch(f"{_GMR}.build_logitsprocs", wrap_build_logitsprocs,
           why="build vLLM's builtin logits processors (min_p, logit_bias) under lade"),
-    CPU_TREE_BACKEND,
 ]
+
+
+def tree_backend_patch(kind: str | None) -> Patch:
+    """The tree-backend record for a platform kind (lade_vllm.adapter.gate.platform_kind):
+    FLASH_ATTN's for ``"cuda"``, CPU_ATTN's otherwise (not applied where lade cannot run)."""
+    return CUDA_TREE_BACKEND if kind == "cuda" else CPU_TREE_BACKEND
+
+
+def patches_for(kind: str | None) -> list[Patch]:
+    """This module's table for a platform kind: the runner records and its tree backend."""
+    return RUNNER_PATCHES + [tree_backend_patch(kind)]
+
+
+#: the table on vLLM's CPU backend
+PATCHES = patches_for("cpu")
