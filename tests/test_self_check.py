@@ -1,0 +1,129 @@
+"""The engine-start self-check (lade_vllm.attention.self_check), on CPU without an engine:
+
+- it passes for the CPU tree backend (vLLM's real CPU cache writer and layout) and for the CUDA
+  tree path (cuda_tree's real plan / tree part / merge, FlashAttention replaced by the pure-torch
+  stand-in), in float32 and bfloat16;
+- it catches a tree mask that lost one ancestor, with the numbers in the error;
+- it catches a wrong KV move (shifted destination, a wrong in-block layout).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lade_vllm.attention import self_check as sc
+
+pytestmark = pytest.mark.timeout(120)
+
+H, KVH, HD = 4, 2, 64
+
+
+def _cpu_path(dtype, bs):
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
+
+    impl = object.__new__(LadeCPUAttentionImpl)   # __init__ wants a vLLM config
+    impl.num_heads, impl.head_size, impl.scale, impl.kv_cache_dtype = H, HD, HD ** -0.5, "auto"
+    path = sc.cpu_tree_path(impl, _get_attn_isa(dtype, bs, HD))
+    path.new_cache = lambda nb: torch.zeros(nb, KVH, bs, 2 * HD, dtype=dtype)
+    return path
+
+
+def _cuda_path():
+    pytest.importorskip("vllm")
+    return sc.cuda_tree_path(sc.stub_flash_impl(H, KVH, HD),
+                             flash_attn=sc.reference_flash_attn_varlen_func)
+
+
+PATHS = {"cpu": (_cpu_path, 32), "cuda_tree": (lambda dtype, bs: _cuda_path(), 16)}
+
+
+def _run(which, dtype=torch.float32):
+    make, bs = PATHS[which]
+    return sc.run_self_check(make(dtype, bs), device="cpu", dtype=dtype, block_size=bs,
+                             num_heads=H, num_kv_heads=KVH, head_size=HD)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["cpu", "cuda_tree"])
+def test_self_check_passes(which, dtype):
+    report = _run(which, dtype)
+    assert report["shapes"] == 4 and report["tolerance"] == sc.TOLERANCE[dtype]
+    assert 0 <= report["max_abs_error"] <= report["tolerance"]
+    assert report["seconds"] < 5
+
+
+def test_shapes_cover_what_the_engine_schedules():
+    names = [c.name for c in sc.check_cases(16)]
+    assert names == ["chain", "branching trie", "lookahead window + trie",
+                     "two requests, different prefixes"]
+    two = sc.check_cases(16)[3].reqs
+    assert [p for p, _, _ in two] == [0, 5, 9] and two[1][1] is None   # an ordinary request too
+    assert sc.check_cases(16)[1].reqs[0][0] > 16                        # crosses a block
+    window = sc.lookahead_step_parents()[0]
+    assert len(window) > 10 and sc.ancestor_mask(window).sum(1).max() > 3
+
+
+def _drop_one_ancestor(monkeypatch, module):
+    """The backend's tree rows lose one ancestor bit (the root, for the deepest node)."""
+    real = module.tree_rows
+
+    def tree_rows(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        if rows is not None:
+            for r in range(rows.masks.shape[0]):
+                i = int(rows.sizes[r]) - 1
+                if i > 0:
+                    rows.masks[r, i, 0] = False
+        return rows
+
+    monkeypatch.setattr(module, "tree_rows", tree_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["cpu", "cuda_tree"])
+def test_self_check_catches_a_wrong_mask(monkeypatch, which, dtype):
+    pytest.importorskip("vllm")
+    from lade_vllm.attention import cpu_tree, cuda_tree
+
+    _drop_one_ancestor(monkeypatch, cpu_tree if which == "cpu" else cuda_tree)
+    with pytest.raises(sc.SelfCheckError) as e:
+        _run(which, dtype)
+    msg = str(e.value)
+    assert "max abs error" in msg and f"tolerance {sc.TOLERANCE[dtype]:.3g}" in msg
+    assert "shape 'chain'" in msg and "will not start" in msg
+    err = float(msg.split("max abs error ")[1].split()[0])
+    assert err > sc.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("which", ["cpu", "cuda_tree"])
+def test_self_check_catches_a_wrong_kv_move(monkeypatch, which):
+    from lade_vllm.adapter import kv_move
+
+    real = kv_move.move_slots
+    monkeypatch.setattr(kv_move, "move_slots",
+                        lambda caches, src, dst, perms: real(caches, src, dst + 1, perms))
+    with pytest.raises(sc.SelfCheckError, match=r"KV mover's result for shape 'chain'.*"
+                                                r"differs .* in \d+ elements"):
+        _run(which)
+
+
+def test_self_check_catches_a_wrong_cpu_layout(monkeypatch):
+    from lade_vllm.adapter import kv_move
+
+    real = kv_move.move_slots          # K's in-block positions taken for V's: K is never moved
+    monkeypatch.setattr(kv_move, "move_slots",
+                        lambda caches, src, dst, perms: real(caches, src, dst,
+                                                             (perms[1], perms[1])))
+    with pytest.raises(sc.SelfCheckError, match="branching trie"):
+        _run("cpu")   # the chain's moves are in place (src == dst); the trie's are not
+
+
+def test_cache_like_keeps_the_engines_stride_order():
+    real = sc.flash_layout_cache(7, 16, 2, 8, torch.bfloat16, "cpu")     # FA: [nb, bs, kvh, 2hd]
+    made = sc.cache_like(real, 3)
+    assert made.shape == (3, 2, 16, 16) and made.dtype == torch.bfloat16
+    assert [s > 0 for s in made.stride()] == [True] * 4
+    order = lambda t: sorted(range(4), key=lambda d: t.stride(d), reverse=True)  # noqa: E731
+    assert order(made) == order(real) == [0, 2, 1, 3]
