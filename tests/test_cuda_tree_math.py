@@ -22,6 +22,13 @@ import torch
 
 from lade_vllm.attention import TreeLayout
 from lade_vllm.attention.merge import attention_with_lse, merge_attention_states
+from lade_vllm.attention.self_check import ancestor_mask as _ancestor_mask
+from lade_vllm.attention.self_check import lookahead_step_parents
+from lade_vllm.attention.self_check import paged_batch as _batch
+from lade_vllm.attention.self_check import stub_flash_impl as _make_impl
+from lade_vllm.attention.self_check import (
+    reference_flash_attn_varlen_func as _fake_flash_attn_varlen_func,
+)
 from lade_vllm.attention.tree_math import tree_attention_dense
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,31 +69,14 @@ def _naive(q, k, v, allowed, scale):
     return out, lse
 
 
-def _ancestor_mask(parents):
-    T = len(parents)
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        j = i
-        while j >= 0:
-            m[i, j] = True
-            j = parents[j]
-    return m
-
-
 def _random_parents(T, gen):
     return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)]
 
 
 def _step_tree_masks():
     """Ancestor masks of real lookahead step trees (W=5, N=4, 2 candidates)."""
-    from lade_vllm.proposer import build_step_trees
+    return [_ancestor_mask(p) for p in lookahead_step_parents()]
 
-    W, N = 5, 4
-    levels = torch.arange(100, 100 + 2 * (N - 1) * W).reshape(2, N - 1, W)
-    cands = torch.tensor([[[1, 2, 3], [1, 5, 6]], [[7, 8, 9], [4, 4, 4]]])
-    tree = build_step_trees(torch.tensor([7, 8]), levels, torch.tensor([N - 1, 2]),
-                            cands, torch.tensor([[True, True], [True, False]]))
-    return [tree.ancestor_mask(b) for b in range(tree.num_seqs)]
 
 
 def _check(out, lse, ref_out, ref_lse, atol=1e-5):
@@ -285,88 +275,9 @@ def test_register_cuda_tree_backend():
 
 # ----------------------------------------------------------------------------
 # plumbing: the impl's tree overwrite with a pure-torch flash_attn_varlen_func
+# (the stand-in, the stub impl and the paged batch are the engine-start
+# self-check's, lade_vllm.attention.self_check)
 # ----------------------------------------------------------------------------
-def _fake_flash_attn_varlen_func(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k,
-                                 max_seqlen_k, block_table, softmax_scale, causal,
-                                 return_softmax_lse, window_size, alibi_slopes, softcap,
-                                 scheduler_metadata, fa_version, num_splits):
-    """Paged, non-causal attention with FA's varlen conventions (LSE [H, total_q],
-    +inf LSE and zero output for rows with seqused_k == 0)."""
-    assert causal is False and return_softmax_lse is True
-    assert alibi_slopes is None and softcap == 0 and list(window_size) == [-1, -1]
-    assert cu_seqlens_q.dtype == torch.int32 and seqused_k.dtype == torch.int32
-    assert q.is_contiguous() and out.shape == q.shape
-    n, H, _ = q.shape
-    bs = k.shape[1]
-    lse = torch.empty(H, n)
-    assert int(seqused_k.max()) <= max_seqlen_k
-    assert int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) <= max_seqlen_q
-    for r in range(seqused_k.numel()):
-        a, b, p = int(cu_seqlens_q[r]), int(cu_seqlens_q[r + 1]), int(seqused_k[r])
-        pos = torch.arange(p)
-        blk, off = block_table[r, pos // bs].long(), pos % bs
-        o, l_ = attention_with_lse(q[a:b], k[blk, off], v[blk, off],
-                                   torch.ones(b - a, p, dtype=torch.bool), softmax_scale)
-        out[a:b] = o
-        lse[:, a:b] = l_ if p > 0 else float("inf")
-    return out, lse
-
-
-def _make_impl(H, KVH, d):
-    from vllm.v1.attention.backend import AttentionType
-
-    from lade_vllm.attention.cuda_tree import LadeFlashAttentionImpl
-
-    impl = object.__new__(LadeFlashAttentionImpl)  # __init__ wants a CUDA FA build
-    impl.num_heads, impl.num_kv_heads, impl.head_size = H, KVH, d
-    impl.scale = 1.0 / math.sqrt(d)
-    impl.alibi_slopes = None
-    impl.sliding_window = (-1, -1)
-    impl.kv_cache_dtype = "auto"
-    impl.logits_soft_cap = 0
-    impl.attn_type = AttentionType.DECODER
-    impl.sinks = None
-    impl.vllm_flash_attn_version = 2
-    impl.fa4_hd256 = False
-    impl.dcp_world_size = 1
-    impl.kv_sharing_target_layer_name = None
-    return impl
-
-
-def _batch(reqs, H=4, KVH=2, d=16, bs=4, seed=0):
-    """reqs: list of (query_len, seq_len, tree_mask or None). Builds the paged FA
-    cache, the step's q/k/v rows, and the per-request full K/V."""
-    gen = torch.Generator().manual_seed(seed)
-    nblk = max(-(-s // bs) for _, s, _ in reqs) + 1
-    num_blocks = nblk * len(reqs) + 3
-    perm = torch.randperm(num_blocks, generator=gen)
-    block_table = perm[: nblk * len(reqs)].view(len(reqs), nblk).to(torch.int32)
-    phys = torch.zeros(num_blocks, bs, KVH, 2 * d)  # physical FA layout
-    kv_cache = phys.transpose(1, 2)  # logical [num_blocks, KVH, bs, 2d]
-    qs, ks, vs, slots, kfull, vfull = [], [], [], [], [], []
-    for r, (ql, sl, _) in enumerate(reqs):
-        kf = torch.randn(sl, KVH, d, generator=gen)
-        vf = torch.randn(sl, KVH, d, generator=gen)
-        pos = torch.arange(sl)
-        blk, off = block_table[r, pos // bs].long(), pos % bs
-        phys[blk, off, :, :d] = kf
-        phys[blk, off, :, d:] = vf
-        qs.append(torch.randn(ql, H, d, generator=gen))
-        ks.append(kf[sl - ql:])
-        vs.append(vf[sl - ql:])
-        slots.append(blk[sl - ql:] * bs + off[sl - ql:])
-        kfull.append(kf)
-        vfull.append(vf)
-    qlens = torch.tensor([ql for ql, _, _ in reqs])
-    qsl = torch.zeros(len(reqs) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(qlens, 0)
-    return types.SimpleNamespace(
-        query=torch.cat(qs), key=torch.cat(ks), value=torch.cat(vs),
-        slot_mapping=torch.cat(slots), kv_cache=kv_cache, block_table=block_table,
-        query_start_loc=qsl, seq_lens=torch.tensor([s for _, s, _ in reqs], dtype=torch.int32),
-        kfull=kfull, vfull=vfull, H=H, KVH=KVH, d=d)
-
-
 def _reference_rows(b, reqs, r, scale):
     ql, sl, mask = reqs[r]
     p = sl - ql

@@ -65,6 +65,47 @@ def test_shapes_cover_what_the_engine_schedules():
     assert len(window) > 10 and sc.ancestor_mask(window).sum(1).max() > 3
 
 
+def test_lookahead_parents_match_the_step_tree():
+    from lade_vllm.proposer import build_step_trees
+
+    W, N = 5, 4
+    levels = torch.arange(100, 100 + 2 * (N - 1) * W).reshape(2, N - 1, W)
+    cands = torch.tensor([[[1, 2, 3], [1, 5, 6]], [[7, 8, 9], [4, 4, 4]]])
+    tree = build_step_trees(torch.tensor([7, 8]), levels, torch.tensor([N - 1, 2]),
+                            cands, torch.tensor([[True, True], [True, False]]))
+    for b, parents in enumerate(sc.lookahead_step_parents()):
+        assert torch.equal(sc.ancestor_mask(parents), tree.ancestor_mask(b))
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda_tree"])
+def test_check_runner_uses_the_engines_layer_and_cache(monkeypatch, kind):
+    """check_runner (what the initialize_kv_cache record calls) on a stand-in runner: the first
+    lade layer's impl, the cache's dtype / block size / heads / stride order, and a log line."""
+    import types
+
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
+
+    bs = 16
+    if kind == "cpu":
+        impl = object.__new__(LadeCPUAttentionImpl)
+        impl.num_heads, impl.head_size, impl.scale, impl.kv_cache_dtype = H, HD, HD ** -0.5, "auto"
+        cache = torch.zeros(5, KVH, bs, 2 * HD)
+    else:
+        impl = sc.stub_flash_impl(H, KVH, HD)
+        impl.lade_flash_attn = sc.reference_flash_attn_varlen_func
+        cache = sc.flash_layout_cache(5, bs, KVH, HD, torch.float32, "cpu")
+    layer = types.SimpleNamespace(kv_cache=[cache], isa=_get_attn_isa(torch.float32, bs, HD))
+    monkeypatch.setattr(sc, "_first_tree_layer", lambda runner: ("layers.0.attn", layer, impl))
+    lines = []
+    log = types.SimpleNamespace(info=lambda fmt, *a: lines.append(fmt % a))
+    report = sc.check_runner(object(), log=log)
+    assert report["shapes"] == 4 and report["max_abs_error"] < 1e-4
+    assert len(lines) == 1 and "self-check passed" in lines[0] and "block_size=16" in lines[0]
+    assert ("CPU tree backend" in lines[0]) is (kind == "cpu")
+
+
 def _drop_one_ancestor(monkeypatch, module):
     """The backend's tree rows lose one ancestor bit (the root, for the deepest node)."""
     real = module.tree_rows

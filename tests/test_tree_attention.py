@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lade_vllm.attention import TreeLayout, get_step_layout, set_step_layout
+from lade_vllm.attention.self_check import ancestor_mask as _ancestor_mask
 from lade_vllm.attention.tree_math import tree_attention_dense
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,17 +44,6 @@ def _write(kv_cache, k, v, slots, isa):
     nb, kvh, bs, two_hd = kv_cache.shape
     kc, vc = kv_cache.view(nb, kvh, 2 * bs, two_hd // 2).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-
-
-def _ancestor_mask(parents):
-    T = len(parents)
-    m = torch.zeros(T, T, dtype=torch.bool)
-    for i in range(T):
-        j = i
-        while j >= 0:
-            m[i, j] = True
-            j = parents[j]
-    return m
 
 
 def _random_tree(T, gen):
