@@ -168,3 +168,38 @@ def test_cache_like_keeps_the_engines_stride_order():
     assert [s > 0 for s in made.stride()] == [True] * 4
     order = lambda t: sorted(range(4), key=lambda d: t.stride(d), reverse=True)  # noqa: E731
     assert order(made) == order(real) == [0, 2, 1, 3]
+
+
+# ---- device-correctness fixes of the hot path (audit for the CUDA opt-in) -----------------------
+def test_write_positions_one_copy_for_all_requests():
+    import numpy as np
+
+    from lade_vllm.adapter.runner import write_positions
+
+    buf = torch.zeros(12, dtype=torch.int64)
+    write_positions(buf, [(1, np.array([5, 6, 6, 7])), (8, np.array([3, 4]))])
+    assert buf.tolist() == [0, 5, 6, 6, 7, 0, 0, 0, 3, 4, 0, 0]
+    write_positions(buf, [])                  # no tree request: untouched
+    assert buf.tolist()[1] == 5
+
+
+def test_root_rows_from_the_host_list():
+    import types
+
+    import numpy as np
+
+    from lade_vllm.adapter.sampling import root_rows
+
+    md = types.SimpleNamespace(num_draft_tokens=[3, 0, 2, 0, 1])  # vLLM's own example
+    cu = np.cumsum(np.array([3, 0, 2, 0, 1]) + 1)                 # cu_num_sampled_tokens
+    assert root_rows(md).tolist() == (cu - (np.array([3, 0, 2, 0, 1]) + 1)).tolist()
+    assert root_rows(md).tolist() == [0, 4, 5, 8, 9]
+
+
+def test_mask_bias_follows_the_mask_device():
+    from lade_vllm.attention.tree_math import mask_bias
+
+    allowed = torch.tensor([[[True, False]]])
+    bias = mask_bias(allowed, torch.float32)
+    assert bias.device == allowed.device and bias.shape == (1, 1, 1, 2)
+    assert bias[0, 0, 0, 0] == 0 and torch.isneginf(bias[0, 0, 0, 1])

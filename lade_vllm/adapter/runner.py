@@ -36,7 +36,7 @@ from lade_vllm.eligibility import is_eligible
 from lade_vllm.engine import Accepted, LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.adapter.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
-    needs_paths, noise_kind, sample_root_rows
+    needs_paths, noise_kind, root_rows, sample_root_rows
 
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
@@ -52,6 +52,18 @@ def request_info(sp, cfg: LadeConfig) -> RequestInfo:
     opts = parse_request_options(extra, cfg)  # dict or its JSON text (HTTP vllm_xargs)
     return RequestInfo(True, opts.window_size, opts.ngram_size, opts.guess_set_size,
                        min_p)
+
+
+def write_positions(buffer: torch.Tensor, runs) -> None:
+    """Write ``runs`` (``(start, positions ndarray)`` per tree request) into the runner's
+    positions ``buffer`` with one host-to-device copy of indices and one of values (the buffer is
+    on the GPU under CUDA; a copy per request would serialize the host on each)."""
+    if not runs:
+        return
+    idx = np.concatenate([np.arange(start, start + len(pos)) for start, pos in runs])
+    val = np.concatenate([np.asarray(pos) for _, pos in runs])
+    buffer.index_copy_(0, torch.from_numpy(idx).to(buffer.device),
+                       torch.from_numpy(val).to(device=buffer.device, dtype=buffer.dtype))
 
 
 class _Timed:
@@ -108,8 +120,7 @@ class LadeRunnerAdapter:
                 query_start=runner.query_start_loc.np,
                 num_computed=batch.num_computed_tokens_cpu))
             # data writes into the runner's input buffer: RoPE positions p + depth
-            for start, positions in ctx.positions:
-                runner.positions[start:start + len(positions)] = torch.from_numpy(positions)
+            write_positions(runner.positions, ctx.positions)
             if ctx.plan is not None:
                 # one slot mapping per KV-cache group (several for hybrid sliding-window models)
                 tables = [bt.slot_mapping.gpu for bt in batch.block_table.block_tables]
@@ -136,8 +147,8 @@ class LadeRunnerAdapter:
             set_step_layout(None)
             if ctx is None:
                 return None
-            cu = metadata.cu_num_sampled_tokens.cpu().numpy()
-            reqs = [RequestRows(i, int(cu[i]) - (metadata.num_draft_tokens[i] + 1), n)
+            roots = root_rows(metadata)
+            reqs = [RequestRows(i, int(roots[i]), n)
                     for i, n in zip(ctx.plan.batch_idx, ctx.plan.num_nodes)]
             want_lp = sampling_metadata.max_num_logprobs is not None
             keep_processed = want_lp and sampler.logprobs_mode in ("processed_logits",

@@ -61,6 +61,15 @@ class RequestRows:
     num: int            # rows = scheduled tree nodes incl. the root
 
 
+def root_rows(metadata) -> np.ndarray:
+    """[B] int64: each request's first logits row (its root) in a spec-decode step. vLLM 0.32's
+    ``cu_num_sampled_tokens`` is the cumulative sum of ``num_draft_tokens + 1``
+    (``GPUModelRunner._calc_spec_decode_metadata``); computed here from the host list, so no
+    device-to-host copy of the tensor is needed."""
+    n = np.asarray(metadata.num_draft_tokens, dtype=np.int64) + 1
+    return np.cumsum(n) - n
+
+
 def _row_batch_idx(reqs: list[RequestRows]) -> torch.Tensor:
     """[M] the batch index of each row of ``reqs`` (rows concatenated in order)."""
     return torch.tensor([r.batch_idx for r in reqs], dtype=torch.long).repeat_interleave(
@@ -379,9 +388,7 @@ def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata,
     dev = logits.device
     B = len(metadata.num_draft_tokens)
     S = metadata.max_spec_len + 1
-    nd = np.asarray(metadata.num_draft_tokens, dtype=np.int64)
-    cu = metadata.cu_num_sampled_tokens.cpu().numpy().astype(np.int64)
-    roots = torch.from_numpy(cu - (nd + 1)).to(dev)
+    roots = torch.from_numpy(root_rows(metadata)).to(dev)
     sm = sampling_metadata
     if sm.logprob_token_ids and sm.max_num_logprobs is not None:
         sm = replace(sm, logprob_token_ids=None)   # as vLLM's spec path: top-k logprobs only

@@ -66,7 +66,8 @@ def tree_attention_dense(
 
 def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[R, Tq, L]`` bool -> ``[R, 1, Tq, L]`` additive mask (0 allowed, -inf masked)."""
-    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf"))
     return bias[:, None]
 
 
