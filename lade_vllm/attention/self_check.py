@@ -435,14 +435,19 @@ def _first_tree_layer(runner):
     except ImportError:
         pass
     layers = get_layers_from_vllm_config(runner.vllm_config, Attention)
-    seen = []
+    seen, found = [], []
     for name, layer in layers.items():
         if getattr(layer, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
             continue
         impl = getattr(layer, "impl", None)
         if isinstance(impl, tuple(kinds)):
-            return name, layer, impl
+            found.append((name, layer, impl))
         seen.append(type(impl).__name__)
+    # a full-attention layer where there is one (sliding-window layers only see trees that fit
+    # inside their window, lade_vllm.adapter.runner.install)
+    full = [f for f in found if getattr(f[2], "sliding_window", None) in (None, -1, (-1, -1))]
+    if full or found:
+        return (full or found)[0]
     raise SelfCheckError(
         "lade self-check: no decoder attention layer of this engine runs lade's tree backend "
         f"(their impls: {sorted(set(seen)) or 'none'}); tree steps would be computed with a "
