@@ -203,3 +203,30 @@ def test_mask_bias_follows_the_mask_device():
     bias = mask_bias(allowed, torch.float32)
     assert bias.device == allowed.device and bias.shape == (1, 1, 1, 2)
     assert bias[0, 0, 0, 0] == 0 and torch.isneginf(bias[0, 0, 0, 1])
+
+
+def test_first_tree_layer_picks_a_full_attention_lade_layer(monkeypatch):
+    import types
+
+    import vllm.config
+    from vllm.v1.attention.backend import AttentionType
+
+    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
+
+    def lade_impl(window):
+        impl = object.__new__(LadeCPUAttentionImpl)
+        impl.sliding_window = window
+        return impl
+
+    layers = {"layers.0.attn": types.SimpleNamespace(attn_type=AttentionType.DECODER,
+                                                     impl=lade_impl(512)),
+              "layers.1.attn": types.SimpleNamespace(attn_type=AttentionType.DECODER,
+                                                     impl=lade_impl(-1))}
+    monkeypatch.setattr(vllm.config, "get_layers_from_vllm_config", lambda cfg, cls: layers)
+    runner = types.SimpleNamespace(vllm_config=None)
+    assert sc._first_tree_layer(runner)[0] == "layers.1.attn"      # not the windowed one
+    layers.pop("layers.1.attn")
+    assert sc._first_tree_layer(runner)[0] == "layers.0.attn"
+    layers["layers.0.attn"].impl = object()                          # vLLM's own backend
+    with pytest.raises(sc.SelfCheckError, match="no decoder attention layer.*FLASH_ATTN"):
+        sc._first_tree_layer(runner)

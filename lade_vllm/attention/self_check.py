@@ -35,7 +35,8 @@ import torch
 
 from lade_vllm.attention import TreeLayout
 
-__all__ = ["SelfCheckError", "TOLERANCE", "TreePath", "ancestor_mask", "check_cases",
+__all__ = ["SelfCheckError", "TOLERANCE", "Case", "TreePath", "ancestor_mask", "check_cases",
+           "cache_like", "flash_layout_cache", "index_write",
            "dense_reference", "paged_batch", "reference_flash_attn_varlen_func",
            "run_self_check", "cuda_tree_path", "cpu_tree_path", "stub_flash_impl",
            "lookahead_step_parents", "check_runner"]
@@ -111,8 +112,10 @@ def check_cases(block_size: int) -> list[Case]:
 
 # ---- the synthetic batch ------------------------------------------------------------------------
 def flash_layout_cache(num_blocks, block_size, num_kv_heads, head_size, dtype, device):
-    """A zero cache in FlashAttention's layout: logical ``[nb, kvh, bs, 2*hd]`` over physical
-    ``[nb, bs, kvh, 2*hd]`` (vLLM 0.32's default HND-free layout; K = ``[..., :hd]``)."""
+    """A zero cache in FlashAttention's layout: logical ``[nb, kvh, bs, 2*hd]`` (K =
+    ``[..., :hd]``) over physical ``[nb, bs, kvh, 2*hd]``, the order ``FlashAttentionImpl`` reads
+    through ``kv_cache.transpose(1, 2)``. For tests; on an engine :func:`cache_like` copies the real
+    cache's stride order instead."""
     phys = torch.zeros(num_blocks, block_size, num_kv_heads, 2 * head_size, dtype=dtype,
                        device=device)
     return phys.transpose(1, 2)
