@@ -424,19 +424,28 @@ def run_self_check(path: TreePath, *, device, dtype, block_size, num_heads, num_
 
 
 # ---- at engine start ----------------------------------------------------------------------------
+def _lade_impls() -> dict:
+    """lade's tree-attention impl classes that import on this vLLM build, by backend."""
+    out = {}
+    try:
+        from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
+        out["cpu"] = LadeCPUAttentionImpl
+    except ImportError:
+        pass
+    try:
+        from lade_vllm.attention.cuda_tree import LadeFlashAttentionImpl
+        out["cuda"] = LadeFlashAttentionImpl
+    except ImportError:
+        pass
+    return out
+
+
 def _first_tree_layer(runner):
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.attention.backend import AttentionType
 
-    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
-
-    kinds = [LadeCPUAttentionImpl]
-    try:
-        from lade_vllm.attention.cuda_tree import LadeFlashAttentionImpl
-        kinds.append(LadeFlashAttentionImpl)
-    except ImportError:
-        pass
+    kinds = list(_lade_impls().values())
     layers = get_layers_from_vllm_config(runner.vllm_config, Attention)
     seen, found = [], []
     for name, layer in layers.items():
@@ -468,15 +477,14 @@ def _layer_cache(layer):
 def check_runner(runner, log=None) -> dict | None:
     """Run :func:`run_self_check` for an engine's model runner once its KV cache exists: the first
     decoder layer's impl, cache dtype, block size, heads and stride order."""
-    from lade_vllm.attention.cpu_tree import LadeCPUAttentionImpl
-
     name, layer, impl = _first_tree_layer(runner)
     cache = _layer_cache(layer)
     if cache is None:
         raise SelfCheckError(f"lade self-check: layer {name} has no KV cache tensor")
     _, kvh, bs, two_hd = cache.shape
     hd = two_hd // 2
-    if isinstance(impl, LadeCPUAttentionImpl):
+    cpu_impl = _lade_impls().get("cpu")
+    if cpu_impl is not None and isinstance(impl, cpu_impl):
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
         isa = getattr(layer, "isa", None) or _get_attn_isa(cache.dtype, bs, hd)
         path = cpu_tree_path(impl, isa)
