@@ -488,10 +488,9 @@ def check_runner(runner, log=None) -> dict | None:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
         isa = getattr(layer, "isa", None) or _get_attn_isa(cache.dtype, bs, hd)
         path = cpu_tree_path(impl, isa)
-        path.new_cache = lambda nb: cache_like(cache, nb)
     else:
         path = cuda_tree_path(impl)
-        path.new_cache = lambda nb: cache_like(cache, nb)
+    path.new_cache = lambda nb: cache_like(cache, nb)     # the engine's stride order
     report = run_self_check(path, device=cache.device, dtype=cache.dtype, block_size=bs,
                             num_heads=impl.num_heads, num_kv_heads=kvh, head_size=hd)
     if log is not None:
