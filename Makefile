@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-full soak bench profile bench-proposer bench-serve clean
+.PHONY: setup model demo test test-full soak memory bench profile bench-proposer bench-serve clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -54,9 +54,15 @@ bench: setup
 profile: setup
 	$(PY) benchmarks/profile_step.py
 
-# Full-size serving soak: 32 streaming clients, 200 requests, 20% aborted (CI runs 8 x 40).
+# Full-size serving soak: 32 streaming clients, 10 rounds x 40 requests, 20% aborted, memory read
+# after every round (CI runs 8 clients, 10 x 10).
 soak: setup
 	LADE_FULL=1 $(PY) -m pytest -q -ra -s tests/test_lade_soak.py
+
+# Server memory round by round, vanilla and lade side by side (10 rounds x 40 mixed requests each:
+# finished, aborted, preempted, lade off, sampled). ~20 min on 2 cores.
+memory: setup
+	$(PY) benchmarks/memory_rounds.py $(MEMORY_ARGS)
 
 bench-proposer: setup
 	$(PY) benchmarks/bench_proposer.py

@@ -3,35 +3,40 @@ clients, mid-stream aborts and KV-cache preemption.
 
 - KV pressure: a 12-block KV cache (1,536 token slots) for 8 concurrent long requests: the
   scheduler must preempt (checked on /metrics `vllm:num_preemptions`); outputs equal vanilla.
-- Soak: CLIENTS concurrent streaming clients send REQUESTS completions of mixed prompt and output
-  lengths (some with lade disabled or a smaller tree per request), 20% aborted mid-stream (the
-  client closes the connection). Zero errors; every completed response has exactly the tokens and
-  text of vanilla greedy (fp32); the engine ends holding no request; the RSS of the whole server
-  process tree (API server + engine core) stays within RSS_BOUND of its value before the soak;
+- Soak: ROUNDS rounds in which CLIENTS concurrent streaming clients send ROUND_REQUESTS completions
+  of mixed prompt and output lengths (some with lade disabled or a smaller tree per request), 20%
+  aborted mid-stream (the client closes the connection), 20% sampled with a seed. Zero errors;
+  every completed response has exactly the tokens and text of vanilla (fp32; greedy, or sampled
+  with the same seed); the engine ends holding no request;
+  the RSS of the whole server process tree (API server + engine core), read after each round,
+  plateaus (at most PLATEAU_BOUND from round PLATEAU_FROM to the last) and stays within RSS_BOUND
+  of its value before the soak; lade's state sizes are back to idle and within their bounds;
   the server stays healthy and still answers exactly; and the worker holds no lookahead state
   (pool + window) for any finished, aborted or preempted request (read over vLLM's dev-mode
   /collective_rpc through tools.testing.ForwardCounter).
 
-CI size: 8 clients, 40 requests. Full size (`make soak`, LADE_FULL=1): 32 clients, 200 requests.
+CI size: 8 clients, 10 rounds x 10 requests. Full size (`make soak`, LADE_FULL=1): 32 clients,
+10 rounds x 40 requests. Vanilla and lade side by side, round by round:
+benchmarks/memory_rounds.py.
 """
 from __future__ import annotations
 
 import json
-import random
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 
 from helpers import FULL, start_server
 from tools import prompts
-from tools.server import MODEL_NAME, Server
+from tools.traffic import SAMPLED_TEMPERATURE, Job, Result, make_jobs, run_jobs
 
-CLIENTS, REQUESTS, NUM_PROMPTS = (32, 200, 24) if FULL else (8, 40, 10)
+CLIENTS, ROUND_REQUESTS, NUM_PROMPTS = (32, 40, 24) if FULL else (8, 10, 10)
+ROUNDS = 10
+#: the memory plateaus: the server tree's RSS grows at most PLATEAU_BOUND from the end of round
+#: PLATEAU_FROM to the end of the last round
+PLATEAU_FROM, PLATEAU_BOUND = 3, 64 * 2**20
+MAX_NUM_SEQS = 8
 MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 24, 48, 64)
-ABORT_FRACTION = 0.2
 #: KV cache: 12 blocks x 128 tokens = 1,536 slots for 8 concurrent requests (prompts up to ~300
 #: tokens, trees of up to 57 nodes): preemption under the burst (and during the soak)
 KV_BLOCKS = 12
@@ -41,79 +46,6 @@ RSS_BOUND = 256 * 2**20
 #: a tree small enough for 2 shared cores in CI; the engine defaults (W7/N5/G7) at full size
 SPEC = "lade" if FULL else ('{"method": "lade", "window_size": 4, "ngram_size": 4, '
                              '"guess_set_size": 4, "adaptive": false}')
-PER_REQUEST_OPTIONS = (None, None, None, None, None, None, None, "false",
-                       '{"window_size": 2, "ngram_size": 3, "guess_set_size": 1}', "true")
-
-
-@dataclass
-class Job:
-    idx: int
-    prompt_idx: int
-    max_tokens: int
-    abort_after: int | None  # close the stream after this many chunks
-    lade: str | None         # vllm_xargs["lade"]
-
-
-@dataclass
-class Result:
-    job: Job
-    status: str              # "done" | "aborted" | "error"
-    text: str = ""
-    token_ids: tuple = ()
-    finish_reason: str | None = None
-    error: str = ""
-
-
-def make_jobs(n: int, seed: int) -> list[Job]:
-    rng = random.Random(seed)
-    aborted = set(rng.sample(range(n), round(ABORT_FRACTION * n)))
-    jobs = []
-    for i in range(n):
-        if i in aborted:  # long enough that the abort lands mid-stream
-            jobs.append(Job(i, rng.randrange(NUM_PROMPTS), max(MAX_TOKENS), rng.randint(1, 4),
-                            rng.choice(PER_REQUEST_OPTIONS)))
-        else:
-            jobs.append(Job(i, rng.randrange(NUM_PROMPTS), rng.choice(MAX_TOKENS), None,
-                            rng.choice(PER_REQUEST_OPTIONS)))
-    return jobs
-
-
-def stream_one(client, prompt: str, job: Job) -> Result:
-    extra = {"return_token_ids": True}
-    if job.lade is not None:
-        extra["vllm_xargs"] = {"lade": job.lade}
-    text, ids, chunks, finish = [], [], 0, None
-    try:
-        stream = client.completions.create(model=MODEL_NAME, prompt=prompt,
-                                           max_tokens=job.max_tokens, temperature=0.0,
-                                           stream=True, extra_body=extra)
-        for chunk in stream:
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            text.append(choice.text or "")
-            ids.extend(getattr(choice, "token_ids", None) or [])
-            finish = choice.finish_reason or finish
-            chunks += 1
-            if job.abort_after is not None and chunks >= job.abort_after and finish is None:
-                stream.close()  # the client goes away mid-stream: the server must abort
-                return Result(job, "aborted", "".join(text), tuple(ids))
-    except Exception as exc:  # noqa: BLE001 - every failure is a test error
-        return Result(job, "error", "".join(text), tuple(ids), finish, repr(exc))
-    return Result(job, "done", "".join(text), tuple(ids), finish)
-
-
-def run_jobs(server: Server, prompt_texts: list[str], jobs: list[Job],
-             clients: int) -> list[Result]:
-    local = threading.local()
-
-    def work(job: Job) -> Result:
-        if not hasattr(local, "client"):
-            local.client = server.client()
-        return stream_one(local.client, prompt_texts[job.prompt_idx], job)
-
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        return list(pool.map(work, jobs))
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +58,11 @@ def prompt_texts(tokenizer) -> list[str]:
 def soak_jobs() -> tuple[list[Job], list[Job], list[Job], list[Job]]:
     """(KV-pressure burst, warm-up, soak, final check) job lists; fixed seeds."""
     burst = [Job(i, i % NUM_PROMPTS, BURST_TOKENS, None, None) for i in range(8)]
-    warm = make_jobs(CLIENTS, seed=1)
+    warm = make_jobs(CLIENTS, 1, NUM_PROMPTS, MAX_TOKENS)
     final = [Job(0, 0, MAX_TOKENS[1], None, None)]
-    return burst, warm, make_jobs(REQUESTS, seed=0), final
+    rounds = [make_jobs(ROUND_REQUESTS, 100 + r, NUM_PROMPTS, MAX_TOKENS, sampled_fraction=0.2)
+              for r in range(ROUNDS)]
+    return burst, warm, rounds, final
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +70,27 @@ def references(vanilla_llm, prompt_texts, soak_jobs) -> dict[tuple[int, int], tu
     """Vanilla greedy (text, token ids) per (prompt, max_tokens) that a completed job may need,
     computed in one batch before the lade server starts (never both engines busy at once)."""
     from vllm import SamplingParams
-    pairs = sorted({(j.prompt_idx, j.max_tokens) for jobs in soak_jobs for j in jobs})
-    outs = vanilla_llm.generate([prompt_texts[p] for p, _ in pairs],
-                                [SamplingParams(temperature=0.0, max_tokens=m) for _, m in pairs],
-                                use_tqdm=False)
-    return {pair: (o.outputs[0].text, tuple(o.outputs[0].token_ids))
-            for pair, o in zip(pairs, outs)}
+    burst, warm, rounds, final = soak_jobs
+    keys = sorted({ref_key(j) for jobs in (burst, warm, *rounds, final) for j in jobs},
+                  key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2]))
+    params = [SamplingParams(temperature=0.0, max_tokens=m) if seed is None else
+              SamplingParams(temperature=SAMPLED_TEMPERATURE, seed=seed, max_tokens=m)
+              for _, m, seed in keys]
+    outs = vanilla_llm.generate([prompt_texts[p] for p, _, _ in keys], params, use_tqdm=False)
+    return {key: (o.outputs[0].text, tuple(o.outputs[0].token_ids))
+            for key, o in zip(keys, outs)}
+
+
+def ref_key(job: Job) -> tuple:
+    """The vanilla output a completed job must equal: (prompt, max_tokens, seed or None)."""
+    return job.prompt_idx, job.max_tokens, job.seed
 
 
 @pytest.fixture(scope="module")
 def soak_server(model_dir, references, tmp_path_factory):
     log = tmp_path_factory.mktemp("soak") / "server.log"
     args = ["--speculative-config", SPEC, "--max-model-len", "1024",
-            "--max-num-seqs", "8", "--num-gpu-blocks-override", str(KV_BLOCKS),
+            "--max-num-seqs", str(MAX_NUM_SEQS), "--num-gpu-blocks-override", str(KV_BLOCKS),
             "--worker-extension-cls", "tools.testing.ForwardCounter"]
     # dev mode: /collective_rpc reaches the worker's lade state (loopback-only test server)
     with start_server(model_dir, args, log, env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
@@ -164,7 +106,7 @@ def check(results: list[Result], references) -> dict[str, int]:
         counts[r.status] += 1
         if r.status != "done":
             continue
-        want_text, want_ids = references[(r.job.prompt_idx, r.job.max_tokens)]
+        want_text, want_ids = references[ref_key(r.job)]
         assert r.token_ids == want_ids, f"job {r.job}: token ids differ from vanilla"
         assert r.text == want_text, f"job {r.job}: text differs from vanilla"
         assert r.finish_reason in ("stop", "length")
@@ -183,7 +125,10 @@ def test_kv_pressure_preempts_and_stays_exact(soak_server, prompt_texts, soak_jo
 
 
 def test_soak_concurrent_streams_with_aborts(soak_server, prompt_texts, soak_jobs, references):
-    _, warm, jobs, final = soak_jobs
+    """ROUNDS rounds of mixed streaming traffic; after each, the engine is idle and the server
+    tree's RSS is read. The memory plateaus (round PLATEAU_FROM to the last within
+    PLATEAU_BOUND) and every lade structure is back to its idle size."""
+    _, warm, rounds, final = soak_jobs
     # warm-up: one round of the same traffic, so allocator pools and caches exist before "before"
     check(run_jobs(soak_server, prompt_texts, warm, CLIENTS), references)
     soak_server.wait_idle()
@@ -192,33 +137,47 @@ def test_soak_concurrent_streams_with_aborts(soak_server, prompt_texts, soak_job
     success_before = soak_server.metric("vllm:request_success")
 
     t0 = time.time()
-    results = run_jobs(soak_server, prompt_texts, jobs, CLIENTS)
+    counts, rss, tokens = {"done": 0, "aborted": 0}, [], 0
+    for jobs in rounds:
+        results = run_jobs(soak_server, prompt_texts, jobs, CLIENTS)
+        for k, v in check(results, references).items():
+            counts[k] += v
+        tokens += sum(len(r.token_ids) for r in results)
+        soak_server.wait_idle()  # every aborted request was released by the engine
+        time.sleep(1.0)
+        rss.append(soak_server.tree_rss())
     duration = time.time() - t0
-    counts = check(results, references)
-
-    soak_server.wait_idle()  # every aborted request was released by the engine
-    time.sleep(1.0)
-    rss_after = soak_server.tree_rss()
     preempted = soak_server.metric("vllm:num_preemptions") - preempt_before
     succeeded = soak_server.metric("vllm:request_success") - success_before
-    tokens = sum(len(r.token_ids) for r in results)
-    summary = {"clients": CLIENTS, "requests": len(jobs), "completed": counts["done"],
-               "aborted": counts["aborted"], "errors": 0, "duration_s": round(duration, 1),
-               "streamed_tokens": tokens, "preemptions": int(preempted),
-               "rss_before_mib": round(rss_before / 2**20), "rss_after_mib": round(rss_after / 2**20),
-               "rss_growth_mib": round((rss_after - rss_before) / 2**20, 1)}
+    plateau = rss[-1] - rss[PLATEAU_FROM - 1]
+    summary = {"clients": CLIENTS, "rounds": len(rounds), "requests": sum(map(len, rounds)),
+               "completed": counts["done"], "aborted": counts["aborted"], "errors": 0,
+               "duration_s": round(duration, 1), "streamed_tokens": tokens,
+               "preemptions": int(preempted), "rss_before_mib": round(rss_before / 2**20),
+               "rss_per_round_mib": [round(x / 2**20) for x in rss],
+               f"growth_round{PLATEAU_FROM}_to_{len(rss)}_mib": round(plateau / 2**20, 1)}
     print("\nsoak:", json.dumps(summary))
 
-    assert counts["aborted"] >= round(0.15 * len(jobs)), counts
+    assert counts["aborted"] >= round(0.15 * summary["requests"]), counts
     assert succeeded == counts["done"], (succeeded, counts)
-    assert rss_after - rss_before <= RSS_BOUND, summary
+    assert rss[-1] - rss_before <= RSS_BOUND, summary
+    assert plateau <= PLATEAU_BOUND, summary
     assert soak_server.healthy()
     log = soak_server.log_text()
     assert "Traceback" not in log and "EngineDeadError" not in log
     # and it still answers exactly
     assert check(run_jobs(soak_server, prompt_texts, final, 1), references)["done"] == 1
-    # per-request lookahead state (pool, window) was freed on finish, abort and preemption: only
-    # the request just finished may still hold a slot (released when the worker next sees it gone)
-    live = [int(x) for x in soak_server.collective_rpc("lade_live_slots")]
-    print(f"lade slots still held after the soak: {live}")
-    assert live and max(live) <= 1, live
+    # per-request lookahead state (pool, window, request info) was freed on finish, abort and
+    # preemption: only the request just finished may still hold a slot (released when the worker
+    # next sees it gone); the policy's windows and the module caches stay within their bounds
+    sizes = soak_server.collective_rpc("lade_state_sizes")[0]
+    print(f"lade state after the soak: {sizes}")
+    assert sizes["slots"] <= 1 and sizes["request_infos"] <= 1, sizes
+    assert sizes["free_slots"] + sizes["slots"] == sizes["capacity"], sizes
+    assert sizes["capped_slots"] <= sizes["slots"], sizes
+    from lade_vllm import policy
+    from lade_vllm.proposer import tree
+    assert sizes["cost_buckets"] <= 2 * policy.MAX_BUCKETS, sizes
+    assert sizes["cost_samples"] <= sizes["cost_buckets"] * policy.COST_WINDOW, sizes
+    assert sizes["level_samples"] <= 8 * policy.LEVEL_WINDOW, sizes
+    assert sizes["batch_consts"] <= tree.MAX_LAYOUTS * (MAX_NUM_SEQS + 1), sizes

@@ -176,24 +176,30 @@ class Server:
                           f"{timeout:.0f} s: running={self.metric('vllm:num_requests_running')}, "
                           f"waiting={self.metric('vllm:num_requests_waiting')}")
 
-    def collective_rpc(self, method: str) -> list:
+    def collective_rpc(self, method: str, **kwargs) -> list:
         """Call a worker method (needs VLLM_SERVER_DEV_MODE=1 and e.g. --worker-extension-cls)."""
-        status, body = self.post_json("/collective_rpc", {"method": method})
+        status, body = self.post_json("/collective_rpc", {"method": method, "kwargs": kwargs})
         if status != 200:
             raise ServerError(f"/collective_rpc {method} answered {status}: {body[:500]}")
         return json.loads(body)["results"]
 
     def tree_rss(self) -> int:
         """Resident memory (bytes) of the server process and all its descendants."""
+        return sum(self.rss_by_process().values())
+
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident memory (bytes) per process: "api" (the server process) and each descendant
+        by its name (V1's engine core is "VLLM::EngineCore"), pid appended when names repeat."""
         import psutil
         root = psutil.Process(self.proc.pid)
-        total = 0
+        out: dict[str, int] = {}
         for p in [root, *root.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                name = "api" if p is root else p.name()
+                out[name if name not in out else f"{name}:{p.pid}"] = p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        return total
+        return out
 
     def client(self, timeout: float = 600):
         from openai import OpenAI

@@ -69,3 +69,72 @@ class ForwardCounter:
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
                 # per level: its tokens estimate comes from observed steps (not the prior)
                 "measured": [e.measured for e in pol.tokens], **costs}
+
+    def lade_state_sizes(self) -> dict:
+        """Sizes of every lade structure that could grow with traffic: per-request maps (slots,
+        request infos), the policy's cost buckets and sample windows, module caches. A server at
+        rest after any traffic must report the idle values (0 requests; bounded caches)."""
+        driver = getattr(self.model_runner, "lade_driver", None)
+        if driver is None:
+            return {}
+        from lade_vllm.attention import kv_layout
+        from lade_vllm.proposer import tree
+        engine, pol = driver.engine, driver.policy
+        buckets = [b for m in (pol.cost_plain, pol.cost_tree) for b in m.buckets.values()]
+        return {"slots": len(engine.slot_of), "request_infos": len(engine.requests),
+                "free_slots": len(engine.free_slots), "capacity": engine.state.max_seqs,
+                "capped_slots": len(engine.capped_slots),
+                "cost_buckets": len(buckets),
+                "cost_samples": sum(len(b.samples.items) for b in buckets),
+                "level_samples": sum(len(e.samples.items) for e in (*pol.tokens, *pol.nodes)),
+                "batch_consts": sum(len(v[2]) + 1 for v in tree._BATCH_CONSTS.values()),
+                "shape_consts": tree._shape_consts.cache_info().currsize,
+                "kv_layouts": sum(f.cache_info().currsize for f in vars(kv_layout).values()
+                                  if hasattr(f, "cache_info"))}
+
+    def lade_heap(self, trim: bool = False) -> dict:
+        """This worker's RSS (MiB), live Python objects and live torch tensors; with ``trim``,
+        also the RSS after glibc's malloc_trim(0) (how much of it was freed heap held back)."""
+        import ctypes
+        import gc
+
+        import psutil
+        import torch
+        gc.collect()
+        objs = gc.get_objects()
+        types = collections.Counter(type(o).__qualname__ for o in objs)
+        out = {"rss_mib": psutil.Process().memory_info().rss / 2**20, "objects": len(objs),
+               # type(o), not isinstance: isinstance reads __class__, which loads lazy proxies
+               # (openai's pandas proxy) and would import packages into the worker
+               "tensors": sum(1 for o in objs if issubclass(type(o), torch.Tensor)),
+               "top_types": dict(types.most_common(12))}
+        # functions created since the previous call, by module and name (what keeps closures)
+        import types as _types
+        funcs = [o for o in objs if type(o) is _types.FunctionType]
+        seen = getattr(self, "_lade_seen_funcs", None)
+        if seen is not None:
+            new = collections.Counter(f"{f.__module__}.{f.__qualname__}" for f in funcs
+                                      if id(f) not in seen)
+            out["new_functions"] = dict(new.most_common(10))
+        self._lade_seen_funcs = {id(f) for f in funcs}
+        # top-level packages imported since the previous call, with the stack that imported them
+        import sys
+        import traceback
+        if not hasattr(self, "_lade_imports"):
+            record = self._lade_imports = {}
+
+            class _Recorder:
+                @staticmethod
+                def find_spec(name, path=None, target=None):
+                    top = name.partition(".")[0]
+                    if top not in sys.modules and top not in record:
+                        record[top] = "".join(traceback.format_stack(limit=14)[:-1])
+                    return None
+
+            sys.meta_path.insert(0, _Recorder)
+        out["new_imports"] = dict(self._lade_imports)
+        self._lade_imports.clear()
+        if trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            out["rss_after_trim_mib"] = psutil.Process().memory_info().rss / 2**20
+        return out

@@ -20,6 +20,7 @@ attention rules of the paper (Fu et al. 2024): window nodes never see candidates
 """
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 
@@ -117,7 +118,10 @@ def _shape_consts(L: int, W: int, G: int, D: int, device: torch.device) -> dict:
         cand_range=torch.arange(G, device=device)[None, :])
 
 
-_BATCH_CONSTS: dict = {}
+#: (L, W, G, D, device) -> (capacity, constants, views by batch size); the most recently used
+#: MAX_LAYOUTS layouts are kept (per-request options make the layout vary step to step)
+_BATCH_CONSTS: collections.OrderedDict = collections.OrderedDict()
+MAX_LAYOUTS = 16
 
 
 def _batch_consts(B: int, L: int, W: int, G: int, D: int, device: torch.device) -> dict:
@@ -129,6 +133,9 @@ def _batch_consts(B: int, L: int, W: int, G: int, D: int, device: torch.device) 
         cap = 1 << max(B - 1, 0).bit_length()
         entry = (cap, _build_batch_consts(cap, L, W, G, D, device), {})
         _BATCH_CONSTS[shape] = entry
+        if len(_BATCH_CONSTS) > MAX_LAYOUTS:
+            _BATCH_CONSTS.popitem(last=False)
+    _BATCH_CONSTS.move_to_end(shape)
     cap, full, views = entry
     out = views.get(B)
     if out is None:
