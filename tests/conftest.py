@@ -38,3 +38,15 @@ def vanilla_llm(model_dir):
     llm = make_llm(model_dir)
     yield llm
     close_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def lade_trees_llm(model_dir):
+    """The session's lade engine with the test defaults and full trees on every step
+    (helpers.LADE_TREES), shared by the modules that need exactly this configuration; both test
+    probes are installed (lade_sampling_ext.LadeTestProbe)."""
+    from helpers import LADE_TREES
+    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES),
+                   worker_extension_cls="lade_sampling_ext.LadeTestProbe")
+    yield llm
+    close_llm(llm)

@@ -64,3 +64,10 @@ def _features(sp) -> list[str]:
     if getattr(sp, "allowed_token_ids", None):
         out.append("allowed_token_ids")
     return out
+
+
+from tools.testing import ForwardCounter  # noqa: E402
+
+
+class LadeTestProbe(SamplingProbe, ForwardCounter):
+    """Both probes, for the session's shared lade engine (conftest ``lade_trees_llm``)."""

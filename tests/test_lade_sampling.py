@@ -33,11 +33,9 @@ EOS = 2  # <|im_end|> of SmolLM2-Instruct
 
 
 @pytest.fixture(scope="module")
-def lade_llm(model_dir):
-    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES),
-                   worker_extension_cls="lade_sampling_ext.SamplingProbe")
-    yield llm
-    close_llm(llm)
+def lade_llm(lade_trees_llm):
+    """The session's shared full-tree lade engine (sampling probe installed)."""
+    return lade_trees_llm
 
 
 def chat(tokenizer, *turns: str) -> str:

@@ -50,16 +50,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def lade_here(model_dir, tokenizer):
-    """Reference: the same lade engine in this process, default executor."""
+def lade_here(lade_trees_llm, tokenizer):
+    """Reference: the same lade engine in this process, default executor (the session's)."""
     from vllm import SamplingParams
 
     from tools import measure
-    llm = make_llm(model_dir, speculative_config=dict(LADE_TREES))
-    result = measure.generate(llm, "lade", _prompts(tokenizer),
-                              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
-    close_llm(llm)
-    return result
+    return measure.generate(lade_trees_llm, "lade", _prompts(tokenizer),
+                            SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
 
 
 class _LadeEngineActor:
