@@ -4,9 +4,10 @@ Tree verification is exact for any request whose next-token distribution at a tr
 computes per node (``lade_vllm.adapter.sampling``): greedy and temperature sampling with top_k /
 top_p / min_p, logit bias, allowed_token_ids, and the rules that read the tokens generated so far
 (repetition / frequency / presence penalties, bad words: from the committed output plus the node's
-own path), with or without logprobs / prompt_logprobs. Anything else (structured output,
-min_tokens, logprob_token_ids, trace replay, other token-dependent processing) is decoded without
-speculation in the same batch, and a warning is logged once per reason: never wrong output.
+own path; min_tokens: EOS and stop_token_ids masked while len(output) + the node's depth <
+min_tokens), with or without logprobs / prompt_logprobs. Anything else (structured output,
+logprob_token_ids, trace replay, other token-dependent processing) is decoded without speculation
+in the same batch, and a warning is logged once per reason: never wrong output.
 """
 from __future__ import annotations
 
@@ -40,8 +41,6 @@ def ineligible_reason(sp, cfg=None) -> str | None:
         return "token-dependent logits processing"
     if getattr(sp, "structured_outputs", None) is not None:
         return "structured output"
-    if sp.min_tokens:
-        return "min_tokens"
     return None
 
 
