@@ -8,8 +8,7 @@ same prompts (MT-bench and HumanEval) are submitted as one batch with that featu
 SamplingParams (greedy), and tokens/step is read from vLLM's spec-decode counters as in
 tools/measure.py: tokens / (tokens - accepted drafts), the prefill counting as a step. Vanilla is
 1.0 by definition; it is run to check that the other methods' greedy outputs equal its outputs
-token for token (fp32), per feature. Requests lade decodes without speculation (structured
-output) show ~1.0 for lade.
+token for token (fp32), per feature; JSON-schema answers are also parsed and checked.
 """
 from __future__ import annotations
 
@@ -37,7 +36,8 @@ METHODS = {
 JSON_SCHEMA = {"type": "object",
                "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                               "city": {"type": "string"},
-                              "hobbies": {"type": "array", "items": {"type": "string"}}},
+                              "hobbies": {"type": "array", "items": {"type": "string"},
+                                          "minItems": 1, "maxItems": 3}},
                "required": ["name", "age", "city", "hobbies"]}
 
 
@@ -83,8 +83,11 @@ def run_method(name: str, args) -> list[dict]:
     measure.generate(llm, name, load_prompts("plain", 2, tok),
                      SamplingParams(temperature=0.0, max_tokens=4))   # warm-up
     for feat, kw in features(args.max_tokens).items():
+        if args.features and feat not in args.features.split(","):
+            continue
         ps = load_prompts(feat, args.prompts, tok)
-        sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, **kw)
+        n_tok = max(args.max_tokens, 128) if feat == "json_schema" else args.max_tokens
+        sp = SamplingParams(temperature=0.0, max_tokens=n_tok, **kw)
         r = measure.generate(llm, name, ps, sp)
         row = {"method": name, "feature": feat, "tokens": r.num_tokens, "seconds": r.seconds,
                "tokens_per_step": r.tokens_per_step if name != "vanilla" else 1.0,
@@ -138,8 +141,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per feature (one batch)")
-    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per feature (one batch)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="(JSON requests: at least 128)")
+    ap.add_argument("--features", help="comma-separated subset of the features (default all)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:  # child process: vLLM cannot build a second engine in one process

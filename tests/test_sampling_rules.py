@@ -1,4 +1,5 @@
-"""lade's per-node min_tokens rule against vLLM's own spec-decode rule (no engine).
+"""Per-node rules without an engine: min_tokens against vLLM's own spec-decode rule, and the
+grammar bitmask rows of a tree (lade_vllm.adapter.structured) on a toy grammar.
 
 vLLM 0.32's ``MinTokensLogitsProcessor.apply_with_spec_decode`` masks the stop tokens of the first
 min_tokens - len(output) draft positions of a chain; lade's ``apply_min_tokens`` masks them at
@@ -49,3 +50,54 @@ def test_min_tokens_tree_rows_masked_by_depth():
     masked = torch.isinf(got[:, [0, 5]]).all(dim=1).tolist()
     assert masked == [d < 2 for d in depths]
     assert not torch.isinf(got[:, [1, 2, 3, 4, 6, 7]]).any()
+
+
+class _Grammar:
+    """A toy ``StructuredOutputGrammar``: the sentences of a finite language, 8 tokens."""
+
+    def __init__(self, sentences):
+        self.sentences = [tuple(s) for s in sentences]
+        self.state: list[int] = []
+
+    def _prefix(self, seq) -> bool:
+        return any(s[:len(seq)] == tuple(seq) for s in self.sentences)
+
+    def validate_tokens(self, tokens):
+        out = []
+        for t in tokens:
+            if not self._prefix(self.state + out + [t]):
+                break
+            out.append(t)
+        return out
+
+    def accept_tokens(self, req_id, tokens):
+        assert len(self.validate_tokens(tokens)) == len(tokens)
+        self.state += list(tokens)
+        return True
+
+    def rollback(self, n):
+        del self.state[len(self.state) - n:]
+
+    def is_terminated(self):
+        return tuple(self.state) in self.sentences
+
+    def fill_bitmask(self, rows, i):
+        allowed = {s[len(self.state)] for s in self.sentences
+                   if len(s) > len(self.state) and s[:len(self.state)] == tuple(self.state)}
+        rows[i] = sum(1 << t for t in allowed)
+
+
+def test_tree_bitmask_rows_follow_each_nodes_path():
+    from lade_vllm.adapter.structured import fill_tree_rows
+    g = _Grammar([(1, 2, 3), (1, 2, 4), (5, 6)])
+    # nodes 1..7: 1 (root), 2 (under 1), 5 (root), 7 (root: rejected), 3 (under the rejected
+    # node), 4 (under 2: ends the grammar), window node 6 (under 5)
+    drafts = [1, 2, 5, 7, 3, 4, 6]
+    parents = [-1, 0, 1, 0, 0, 4, 2, 3]
+    rows = torch.zeros(8, 1, dtype=torch.int32)
+    g.fill_bitmask(rows, 0)
+    fill_tree_rows(g, "r", drafts, parents, 6, rows)
+    bits = lambda *ts: sum(1 << t for t in ts)   # noqa: E731
+    assert rows[:, 0].tolist() == [bits(1, 5), bits(2), bits(3, 4), bits(6), bits(1, 5),
+                                   bits(1, 5), bits(3, 4), bits(1, 5)]
+    assert g.state == []   # the grammar is left at the committed tokens

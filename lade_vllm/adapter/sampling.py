@@ -13,8 +13,8 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
 1. logits in float32, then ``Sampler.apply_logits_processors``'s steps on every node row, before
    the argmax too (:func:`apply_token_rules`): allowed_token_ids, bad words, min_tokens, logit
    bias, penalties, with a node's generated tokens = committed output + its path and its output
-   position = len(output) + its depth; structured output is not eligible
-   (``lade_vllm.eligibility``);
+   position = len(output) + its depth (structured output: the grammar's bitmask is already on
+   the logits, one row per tree node, ``lade_vllm.adapter.structured``);
 2. temperature: ``Sampler.apply_temperature`` (greedy rows divided by 1);
 3. min_p: the formula of ``MinPLogitsProcessor.apply`` (``v1/sample/logits_processor/builtin.py``),
    applied per node row with the request's min_p;
@@ -99,9 +99,9 @@ def apply_min_tokens(x: torch.Tensor, reqs: list[RequestRows], min_toks: dict,
     place: a row at tree depth d is the request's output position len(output) + d, so its stop
     tokens (EOS and stop_token_ids, the processor's set) are masked while len(output) + d <
     min_tokens, as ``apply_with_spec_decode`` masks the first min_tokens - len(output) positions
-    of a chain. (Requests with structured output are not tree requests, so the processor's
-    restore-if-all-masked rule never applies here.)"""
-    rows, toks = [], []
+    of a chain. For a structured-output request the processor's exception holds too: a row that
+    the masking (after the grammar's bitmask) leaves all -inf gets its stop tokens back."""
+    rows, toks, restore = [], [], []
     lo = 0
     d_all = np.asarray(depths, dtype=np.int64)
     for r in reqs:
@@ -111,10 +111,18 @@ def apply_min_tokens(x: torch.Tensor, reqs: list[RequestRows], min_toks: dict,
             at = lo + np.nonzero(len(out_ids) + d_all[lo:lo + r.num] < min_tok)[0]
             rows.extend(np.repeat(at, len(stop_ids)).tolist())
             toks.extend(stop_ids * len(at))
+            if len(entry) > 3 and entry[3]:
+                restore.extend(range(len(rows) - len(at) * len(stop_ids), len(rows)))
         lo += r.num
     if rows:
-        x[torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device)] = \
-            float("-inf")
+        at = (torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device))
+        kept = x[at] if restore else None
+        x[at] = float("-inf")
+        if restore:
+            sel = torch.tensor(restore, device=x.device)
+            r_rows, r_toks, r_vals = at[0][sel], at[1][sel], kept[sel]
+            back = torch.isneginf(x[r_rows]).all(dim=-1) & torch.isfinite(r_vals)
+            x[r_rows[back], r_toks[back]] = r_vals[back]
     return x
 
 
