@@ -4,9 +4,12 @@ Tree verification is exact for any request whose next-token distribution at a tr
 computes per node (``lade_vllm.adapter.sampling``): greedy and temperature sampling with top_k /
 top_p / min_p, logit bias, allowed_token_ids, and the rules that read the tokens generated so far
 (repetition / frequency / presence penalties, bad words: from the committed output plus the node's
-own path), with or without logprobs / prompt_logprobs. Anything else (structured output,
-min_tokens, logprob_token_ids, trace replay, other token-dependent processing) is decoded without
-speculation in the same batch, and a warning is logged once per reason: never wrong output.
+own path; min_tokens: EOS and stop_token_ids masked while len(output) + the node's depth <
+min_tokens), structured output (one grammar bitmask row per tree node,
+``lade_vllm.adapter.structured``), with or without logprobs / prompt_logprobs. Anything else
+(logprob_token_ids, structured output when the engine has a reasoning parser, trace replay, other
+token-dependent processing) is decoded without speculation in the same batch, and a warning is
+logged once per reason: never wrong output.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and leve
 _warned: set[str] = set()
 
 
-def ineligible_reason(sp, cfg=None) -> str | None:
+def ineligible_reason(sp, cfg=None, reasoning: bool = False) -> str | None:
     """Why a request with SamplingParams ``sp`` cannot use lade trees, or None if it can.
-    ``cfg``: the engine's LadeConfig (to read per-request options in any accepted form)."""
+    ``cfg``: the engine's LadeConfig (to read per-request options in any accepted form);
+    ``reasoning``: the engine has a reasoning parser (its grammar starts after the reasoning)."""
     if sp is None:
         return "no sampling params"
     extra = getattr(sp, "extra_args", None) or {}
@@ -38,15 +42,13 @@ def ineligible_reason(sp, cfg=None) -> str | None:
     if getattr(sp, "watermarking", None) or getattr(sp, "thinking_token_budget", None) \
             or getattr(sp, "repetition_detection", None) is not None:
         return "token-dependent logits processing"
-    if getattr(sp, "structured_outputs", None) is not None:
-        return "structured output"
-    if sp.min_tokens:
-        return "min_tokens"
+    if getattr(sp, "structured_outputs", None) is not None and reasoning:
+        return "structured output with a reasoning parser"
     return None
 
 
-def is_eligible(sp, cfg=None) -> bool:
-    reason = ineligible_reason(sp, cfg)
+def is_eligible(sp, cfg=None, reasoning: bool = False) -> bool:
+    reason = ineligible_reason(sp, cfg, reasoning)
     if reason is not None and not reason.startswith("disabled") and reason not in _warned:
         _warned.add(reason)
         logger.warning("lade: requests with %s are decoded without speculation", reason)

@@ -63,6 +63,10 @@ def _features(sp) -> list[str]:
         out.append("bad_words")
     if getattr(sp, "allowed_token_ids", None):
         out.append("allowed_token_ids")
+    if getattr(sp, "min_tokens", 0):
+        out.append("min_tokens")
+    if getattr(sp, "structured_outputs", None) is not None:
+        out.append("structured output")
     return out
 
 

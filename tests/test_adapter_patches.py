@@ -184,7 +184,7 @@ def test_the_table():
     from lade_vllm.adapter import frontend, runtime
     table = frontend.PATCHES + runtime.PATCHES
     targets = [p.target for p in table]
-    assert len(set(targets)) == len(targets) == 12
+    assert len(set(targets)) == len(targets) == 14
     for p in table:
         assert p.target.startswith("vllm.") and p.vllm_version == "0.32" and p.why
         assert "\n" not in p.why
@@ -211,7 +211,7 @@ def test_plugin_applies_every_record_once_against_vllm():
         load_general_plugins()
         from lade_vllm.adapter import patches
         reg = patches.registry()
-        assert len(reg.applied) == 12, reg.applied
+        assert len(reg.applied) == 14, reg.applied
         assert all(reg.is_applied(p) for p in patches.LADE_PATCHES)
         for p in patches.LADE_PATCHES:
             try:

@@ -12,14 +12,16 @@
   lade with trees: greedy + logit_bias equals vanilla token for token; every token sampled with
   min_p passes the min_p threshold at its own tree node; min_p sampling matches vanilla's
   distribution (above) and is reproducible when seeded.
-- Penalties, bad_words and allowed_token_ids are speculated (per-node rules): identical to vanilla,
-  greedy and seeded sampled; requests lade does not speculate (min_tokens, structured output) are
-  identical to vanilla and each reason is warned about once.
+- Penalties, bad_words, allowed_token_ids, min_tokens and structured output are speculated
+  (per-node rules, per-node grammar bitmasks): identical to vanilla, greedy and seeded sampled;
+  JSON-schema answers parse and fit the schema.
 
 Every request is seeded, so the whole module is deterministic.
 """
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 
 import pytest
@@ -30,6 +32,12 @@ from tools import measure, prompts
 NUM_SAMPLES = 1000 if FULL else 80
 SAMPLE_LEN = 8
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
+PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                "city": {"type": "string"},
+                                "hobbies": {"type": "array", "items": {"type": "string"},
+                                            "minItems": 1, "maxItems": 3}},
+                 "required": ["name", "age", "city", "hobbies"]}
 
 
 @pytest.fixture(scope="module")
@@ -221,27 +229,55 @@ def test_stop_conditions_match_vanilla_greedy(lade_llm, vanilla_llm, tokenizer):
 # ---- token rules lade applies per node, and requests it does not speculate ------------------
 def test_token_rules_speculated_other_features_identical_and_warned_once(lade_llm, vanilla_llm,
                                                                         tokenizer):
-    """Penalties, bad_words and allowed_token_ids are applied at every tree node from the
-    committed output plus the node's path: greedy and seeded sampled outputs equal vanilla's, and
-    those requests were decoded with accepted tree runs, without a warning. min_tokens and
-    structured output are decoded without speculation: identical, warned once per reason."""
+    """Penalties, bad_words, allowed_token_ids and min_tokens are applied at every tree node from
+    the committed output plus the node's path (min_tokens: the node's output position): greedy
+    and seeded sampled outputs equal vanilla's, and those requests were decoded with accepted
+    tree runs, without a warning. The min_tokens prompts end early without it (the mask matters).
+    Structured output (JSON schema, regex, choice) gets one grammar bitmask row per tree node:
+    identical to vanilla too, every JSON answer parses and fits its schema."""
+    import lade_vllm
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
+    print("\nlade_vllm from", lade_vllm.__file__)
     ps = prompts.load("mtbench", 3, tokenizer) + prompts.load("humaneval", 1)
+    short = [_eos_prompt(tokenizer),
+             chat(tokenizer, "What is the capital of France? Answer in one word.")]
     speculated = {
         "penalties": dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
         "bad_words": dict(bad_words=[" the", " and", " of the"]),
         "allowed_token_ids": dict(allowed_token_ids=list(range(30, 3000))),
     }
-    plain = {
-        "min_tokens": dict(min_tokens=30),
-        "structured output": dict(structured_outputs=StructuredOutputsParams(
-            choice=["yes", "no", "maybe"])),
-    }
+    plain: dict = {}   # features lade decodes without speculation (none at present)
     cases = [(p, SamplingParams(temperature=0.0, max_tokens=32, **kw))
              for kw in (*speculated.values(), *plain.values()) for p in ps[:2]]
     cases += [(p, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=70 + i, **kw))
               for i, kw in enumerate(speculated.values()) for p in ps[2:]]
+    # min_tokens: alone, with stop_token_ids (28 = ","), mixed with other rules; greedy and seeded
+    n_min = len(cases)
+    mins = [dict(min_tokens=20), dict(min_tokens=20, stop_token_ids=[28]),
+            dict(min_tokens=24, repetition_penalty=1.2, bad_words=[" nice"])]
+    cases += [(p, SamplingParams(temperature=0.0, max_tokens=32, **kw))
+              for kw in mins for p in short]
+    n_min_greedy = len(cases)
+    cases += [(p, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=90 + i,
+                                 min_tokens=20)) for i, p in enumerate(short)]
+    speculated["min_tokens"] = mins[0]
+    # structured output: JSON schema, regex and choice, greedy and seeded, in the same batch
+    n_json = len(cases)
+    json_ps = [chat(tokenizer, f"Describe a fictional {who} as JSON matching this schema: "
+                    f"{json.dumps(PERSON_SCHEMA)}") for who in ("pilot", "chess player")]
+    cases += [(p, SamplingParams(temperature=0.0, max_tokens=128, structured_outputs=(
+        StructuredOutputsParams(json=PERSON_SCHEMA)))) for p in json_ps]
+    cases.append((json_ps[0], SamplingParams(temperature=0.8, top_p=0.95, max_tokens=128, seed=95,
+                                             structured_outputs=StructuredOutputsParams(
+                                                 json=PERSON_SCHEMA))))
+    n_json_end = len(cases)
+    date_p = chat(tokenizer, "List three dates in 2024, one per line, as YYYY-MM-DD.")
+    cases += [(date_p, SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=(
+                  StructuredOutputsParams(regex=r"(2024-[01][0-9]-[0-3][0-9]\n){3}")))),
+              (ps[0], SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=(
+                  StructuredOutputsParams(choice=["yes", "no", "maybe"]))))]
+    speculated["structured output"] = {}
     cases += [(ps[2], SamplingParams(temperature=0.0, max_tokens=32)),           # tree requests
               (ps[3], SamplingParams(temperature=0.0, max_tokens=32))]            # in the batch
     ps_, params = zip(*cases)
@@ -253,6 +289,26 @@ def test_token_rules_speculated_other_features_identical_and_warned_once(lade_ll
     for k, (g, w) in enumerate(zip(got, want)):
         assert g == w, (k, params[k], g, w)
     assert got2 == got
+    # without min_tokens, vanilla stops (EOS or the stop token) before min_tokens (the
+    # requests without other rules; a penalty lengthens the France answer by itself)
+    n_min_only = n_min + 2 * len(short)
+    unmin = [params[k].clone() for k in range(n_min, n_min_only)]
+    for sp in unmin:
+        sp.min_tokens = 0
+    free = _outs(vanilla_llm.generate([ps_[k] for k in range(n_min, n_min_only)], unmin,
+                                      use_tqdm=False))
+    for k, f in zip(range(n_min, n_min_only), free):
+        assert len(f[0][0]) < params[k].min_tokens, (k, f)
+    for k in range(n_min, n_min_greedy):
+        assert len(got[k][0][0]) >= params[k].min_tokens, (k, got[k])
+    for k in range(n_json, n_json_end):        # every JSON answer parses and fits the schema
+        assert got[k][0][2] == "stop", got[k]
+        obj = json.loads(got[k][0][1])
+        assert set(obj) == set(PERSON_SCHEMA["required"]), obj
+        assert isinstance(obj["age"], int) and isinstance(obj["hobbies"], list), obj
+        assert isinstance(obj["name"], str) and isinstance(obj["city"], str), obj
+    assert re.fullmatch(r"(2024-[01][0-9]-[0-3][0-9]\n){3}", got[n_json_end][0][1])
+    assert got[n_json_end + 1][0][1] in ("yes", "no", "maybe")
     for reason in speculated:
         assert not [m for m in probe["warnings"] if f"requests with {reason}" in m], reason
         runs = [run for _, _, run, feats in probe["tagged"] if reason in feats]

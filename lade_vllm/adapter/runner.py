@@ -41,9 +41,10 @@ from lade_vllm.adapter.sampling import RequestRows, TreeOutput, emitted_logprobs
 logger = logging.getLogger("vllm.lade_vllm")  # under vllm: its handler and level
 
 
-def request_info(sp, cfg: LadeConfig) -> RequestInfo:
-    """A request's RequestInfo from its ``SamplingParams`` (None: not eligible)."""
-    if sp is None or not is_eligible(sp, cfg):
+def request_info(sp, cfg: LadeConfig, reasoning: bool = False) -> RequestInfo:
+    """A request's RequestInfo from its ``SamplingParams`` (None: not eligible). ``reasoning``:
+    the engine has a reasoning parser (structured output then starts after the reasoning)."""
+    if sp is None or not is_eligible(sp, cfg, reasoning):
         return RequestInfo(eligible=False)
     min_p = float(getattr(sp, "min_p", 0.0) or 0.0)
     extra = getattr(sp, "extra_args", None)
@@ -97,7 +98,9 @@ class LadeRunnerAdapter:
 
     def _request_info(self, req_id: str) -> RequestInfo:
         req = self.runner.requests.get(req_id)
-        return request_info(getattr(req, "sampling_params", None), self.engine.cfg)
+        so_cfg = getattr(self.runner.vllm_config, "structured_outputs_config", None)
+        return request_info(getattr(req, "sampling_params", None), self.engine.cfg,
+                            bool(getattr(so_cfg, "reasoning_parser", "")))
 
     # ---- 1. propose -------------------------------------------------------------------------
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
@@ -130,6 +133,20 @@ class LadeRunnerAdapter:
 
     def take_window_counts(self) -> dict[str, int]:
         return self.engine.take_window_counts()
+
+    def structured_trees(self) -> dict[str, tuple[list[int], list[int], int]]:
+        """The trees just proposed for requests with structured output: request id -> (drafts,
+        storage-order parents, trie nodes), for the engine core's grammar bitmask
+        (lade_vllm.adapter.structured)."""
+        prop = self.engine.pending
+        out = {}
+        for k, req_id in enumerate(prop.req_ids if prop is not None else ()):
+            req = self.runner.requests.get(req_id)
+            if getattr(getattr(req, "sampling_params", None), "structured_outputs", None) \
+                    is not None:
+                out[req_id] = (list(prop.drafts[k]), [int(p) for p in prop.parent[k]],
+                               int(prop.num_trie[k]))
+        return out
 
     # ---- 4. verification: targets -> accept -> emit -----------------------------------------
     def verify(self, metadata, logits: torch.Tensor, sampling_metadata, sampler

@@ -13,6 +13,11 @@ gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
 * ``Scheduler.update_from_output``: add those counts to ``SchedulerOutput.num_invalid_spec_tokens``,
   which vLLM subtracts from the drafted-token metrics only (``make_spec_decoding_stats``), never
   from KV bookkeeping: window nodes are not counted as drafted.
+* ``Scheduler.update_from_output`` also keeps the tree the worker proposed for each request with
+  structured output (``lade_trees`` on the ``ModelRunnerOutput``) on the request (``lade_tree``);
+  ``StructuredOutputManager.validate_tokens`` keeps such a tree's drafts whole (vLLM would cut them
+  as a chain) and ``StructuredOutputManager.grammar_bitmask`` fills one bitmask row per tree node
+  from the grammar state after the node's path (lade_vllm.adapter.structured).
 * ``build_logitsprocs`` as imported by ``gpu_model_runner``: under any speculative config vLLM builds
   only ``MinTokensLogitsProcessor``; for lade, the builtin processors (MinTokens, LogitBias, MinP) as
   without speculation. The root row goes through vLLM's ``Sampler``; tree rows apply them per node.
@@ -84,6 +89,9 @@ def wrap_sample_tokens(original):
             counts = adapter.take_window_counts()
             if counts:
                 output.lade_window_nodes = counts
+            trees = adapter.structured_trees()
+            if trees:
+                output.lade_trees = trees
         return output
     return sample_tokens
 
@@ -97,8 +105,32 @@ def wrap_update_from_output(original):
             for req_id, n in window.items():
                 merged[req_id] = merged.get(req_id, 0) + n
             scheduler_output.num_invalid_spec_tokens = merged
+        for req_id, tree in (getattr(model_runner_output, "lade_trees", None) or {}).items():
+            request = self.requests.get(req_id)
+            if request is not None:   # read by the structured-output records below
+                request.lade_tree = tree
         return original(self, scheduler_output, model_runner_output, *args, **kwargs)
     return update_from_output
+
+
+def wrap_validate_tokens(original):
+    @functools.wraps(original)
+    def validate_tokens(self, request, spec_tokens):
+        from lade_vllm.adapter.structured import tree_of
+        if tree_of(request, spec_tokens) is not None:
+            return spec_tokens   # a lade tree, not a chain: its rows get per-node bitmasks
+        return original(self, request, spec_tokens)
+    return validate_tokens
+
+
+def wrap_grammar_bitmask(original):
+    @functools.wraps(original)
+    def grammar_bitmask(self, requests, structured_output_request_ids,
+                        scheduled_spec_decode_tokens):
+        from lade_vllm.adapter.structured import tree_bitmask
+        return tree_bitmask(self, original, requests, structured_output_request_ids,
+                            scheduled_spec_decode_tokens)
+    return grammar_bitmask
 
 
 def wrap_build_logitsprocs(original):
@@ -165,9 +197,17 @@ RUNNER_PATCHES = [
     Patch(f"{_GMR}.GPUModelRunner._prepare_inputs", wrap_prepare_inputs,
           why="tree positions (p + depth) and the step's tree layout for attention"),
     Patch(f"{_GMR}.GPUModelRunner.sample_tokens", wrap_sample_tokens,
-          why="report the step's window nodes per request on the ModelRunnerOutput"),
+          why="report the step's window nodes per request, and the trees proposed for "
+              "structured-output requests, on the ModelRunnerOutput"),
     Patch("vllm.v1.core.sched.scheduler.Scheduler.update_from_output", wrap_update_from_output,
-          why="count window nodes as invalid drafts, so the drafted-token metrics leave them out"),
+          why="count window nodes as invalid drafts, so the drafted-token metrics leave them out; "
+              "keep the proposed tree of structured-output requests on the request"),
+    Patch("vllm.v1.structured_output.StructuredOutputManager.validate_tokens",
+          wrap_validate_tokens,
+          why="keep a lade tree's drafts whole (vLLM cuts drafts as one grammar chain)"),
+    Patch("vllm.v1.structured_output.StructuredOutputManager.grammar_bitmask",
+          wrap_grammar_bitmask,
+          why="one grammar bitmask row per lade tree node, from the grammar state after its path"),
     Patch(f"{_GMR}.build_logitsprocs", wrap_build_logitsprocs,
           why="build vLLM's builtin logits processors (min_p, logit_bias) under lade"),
 ]

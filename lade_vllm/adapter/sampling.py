@@ -11,9 +11,10 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
 (``vllm/v1/sample/sampler.py``: ``Sampler.forward`` -> ``Sampler.sample``):
 
 1. logits in float32, then ``Sampler.apply_logits_processors``'s steps on every node row, before
-   the argmax too (:func:`apply_token_rules`): allowed_token_ids, bad words, logit bias, penalties,
-   with a node's generated tokens = committed output + its path; min_tokens and structured output
-   are not eligible (``lade_vllm.eligibility``);
+   the argmax too (:func:`apply_token_rules`): allowed_token_ids, bad words, min_tokens, logit
+   bias, penalties, with a node's generated tokens = committed output + its path and its output
+   position = len(output) + its depth (structured output: the grammar's bitmask is already on
+   the logits, one row per tree node, ``lade_vllm.adapter.structured``);
 2. temperature: ``Sampler.apply_temperature`` (greedy rows divided by 1);
 3. min_p: the formula of ``MinPLogitsProcessor.apply`` (``v1/sample/logits_processor/builtin.py``),
    applied per node row with the request's min_p;
@@ -46,7 +47,7 @@ from typing import Collection
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
+from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
 from vllm.v1.sample.ops.bad_words import apply_bad_words
 from vllm.v1.sample.ops.penalties import apply_all_penalties
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
@@ -89,6 +90,49 @@ def _logit_bias_of(sampling_metadata) -> dict:
         if isinstance(proc, LogitBiasLogitsProcessor):
             return proc.biases
     return {}
+
+
+def _min_tokens_of(sampling_metadata) -> dict:
+    """{batch index: (min_tokens, output token ids, stop token ids, uses structured output)} as
+    vLLM's ``MinTokensLogitsProcessor`` holds it this step (``min_toks``), or {} when none."""
+    procs = getattr(sampling_metadata, "logitsprocs", None)
+    for proc in (procs.non_argmax_invariant if procs is not None else ()):
+        if isinstance(proc, MinTokensLogitsProcessor):
+            return proc.min_toks
+    return {}
+
+
+def apply_min_tokens(x: torch.Tensor, reqs: list[RequestRows], min_toks: dict,
+                     depths) -> torch.Tensor:
+    """``MinTokensLogitsProcessor`` on every node row of ``reqs`` (rows concatenated in order), in
+    place: a row at tree depth d is the request's output position len(output) + d, so its stop
+    tokens (EOS and stop_token_ids, the processor's set) are masked while len(output) + d <
+    min_tokens, as ``apply_with_spec_decode`` masks the first min_tokens - len(output) positions
+    of a chain. For a structured-output request the processor's exception holds too: a row that
+    the masking (after the grammar's bitmask) leaves all -inf gets its stop tokens back."""
+    rows, toks, restore = [], [], []
+    lo = 0
+    d_all = np.asarray(depths, dtype=np.int64)
+    for r in reqs:
+        entry = min_toks.get(r.batch_idx)
+        if entry is not None and entry[2]:
+            min_tok, out_ids, stop_ids = entry[0], entry[1], list(entry[2])
+            at = lo + np.nonzero(len(out_ids) + d_all[lo:lo + r.num] < min_tok)[0]
+            rows.extend(np.repeat(at, len(stop_ids)).tolist())
+            toks.extend(stop_ids * len(at))
+            if len(entry) > 3 and entry[3]:
+                restore.extend(range(len(rows) - len(at) * len(stop_ids), len(rows)))
+        lo += r.num
+    if rows:
+        at = (torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device))
+        kept = x[at] if restore else None
+        x[at] = float("-inf")
+        if restore:
+            sel = torch.tensor(restore, device=x.device)
+            r_rows, r_toks, r_vals = at[0][sel], at[1][sel], kept[sel]
+            back = torch.isneginf(x[r_rows]).all(dim=-1) & torch.isfinite(r_vals)
+            x[r_rows[back], r_toks[back]] = r_vals[back]
+    return x
 
 
 def apply_logit_bias(x: torch.Tensor, reqs: list[RequestRows], biases: dict) -> torch.Tensor:
@@ -223,12 +267,14 @@ def needs_paths(sampling_metadata) -> bool:
 
 
 def apply_token_rules(x: torch.Tensor, reqs: list[RequestRows], sm, biases: dict,
-                      paths: list[list[int]] | None) -> torch.Tensor:
+                      paths: list[list[int]] | None, min_toks: dict | None = None,
+                      depths=None) -> torch.Tensor:
     """``Sampler.apply_logits_processors`` on every node row of ``reqs``, in vLLM's order:
-    allowed_token_ids, bad words, logit bias, then repetition / frequency / presence penalties.
-    A node's generated tokens are the request's committed output followed by ``paths[row]`` (the
-    drafted tokens from the root's child down to the node), as vLLM's rejection sampler builds
-    them for each draft position of a chain."""
+    allowed_token_ids, bad words, min_tokens, logit bias, then repetition / frequency / presence
+    penalties. A node's generated tokens are the request's committed output followed by
+    ``paths[row]`` (the drafted tokens from the root's child down to the node), as vLLM's
+    rejection sampler builds them for each draft position of a chain; its output position is
+    len(output) + ``depths[row]`` (min_tokens, ``min_toks``: :func:`_min_tokens_of`)."""
     b_rows = _row_batch_idx(reqs)
     if sm.allowed_token_ids_mask is not None:
         x.masked_fill_(sm.allowed_token_ids_mask.index_select(0, b_rows.to(x.device)),
@@ -239,6 +285,8 @@ def apply_token_rules(x: torch.Tensor, reqs: list[RequestRows], sm, biases: dict
     if sm.bad_words_token_ids:
         apply_bad_words(x, {row: sm.bad_words_token_ids[b] for row, b in enumerate(b_rows.tolist())
                             if b in sm.bad_words_token_ids}, past)
+    if min_toks:
+        x = apply_min_tokens(x, reqs, min_toks, depths)
     if biases:
         x = apply_logit_bias(x, reqs, biases)
     if not sm.no_penalties:
@@ -269,7 +317,9 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     which saves the top-k/top-p work there."""
     sm = sampling_metadata
     biases = _logit_bias_of(sm)
-    rules = bool(biases) or needs_paths(sm) or sm.allowed_token_ids_mask is not None
+    min_toks = {i: e for i, e in _min_tokens_of(sm).items() if len(e[1]) < e[0]}
+    rules = bool(biases) or bool(min_toks) or needs_paths(sm) \
+        or sm.allowed_token_ids_mask is not None
     if sm.all_greedy and not rules and not keep_processed:
         # argmax straight on the model-dtype rows (the fp32 cast is exact and monotone)
         argmax = torch.cat([logits[r.start:r.start + r.num].argmax(dim=-1) for r in reqs]).cpu()
@@ -277,7 +327,7 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
     if rules:    # before the argmax: greedy targets follow them too, as in vLLM's Sampler
-        x = apply_token_rules(x, reqs, sm, biases, paths)
+        x = apply_token_rules(x, reqs, sm, biases, paths, min_toks, depths)
     argmax = x.argmax(dim=-1)
     M = x.shape[0]
     if sampling_metadata.all_greedy:
