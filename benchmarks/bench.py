@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -153,6 +152,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> None:
+    from tools import measure
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--datasets", default="mtbench,humaneval")
@@ -177,14 +177,9 @@ def main(argv=None) -> None:
         for k, name in enumerate(methods, 1):
             print(f"[rep {rep + 1}/{args.repeat}, {k}/{len(methods)}] {name} ...",
                   file=sys.stderr, flush=True)
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + \
-                (argv if argv is not None else sys.argv[1:])
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-            got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
-            if proc.returncode or not got:
-                print(f"  [{name}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
-                continue
-            rows.extend({**r, "rep": rep} for r in json.loads(got[-1][5:]))
+            got = measure.rows_from_child(__file__, name,
+                                          argv if argv is not None else sys.argv[1:])
+            rows.extend({**r, "rep": rep} for r in got or ())
     import torch
     import vllm
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +138,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from tools import measure
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--prompts", type=int, default=6, help="prompts per feature (one batch)")
@@ -152,14 +152,8 @@ def main(argv=None) -> None:
     rows = []
     for name in args.methods.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", name] + \
-            (argv if argv is not None else sys.argv[1:])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
-        if proc.returncode or not got:
-            print(f"  [{name}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
-            continue
-        rows.extend(json.loads(got[-1][5:]))
+        rows.extend(measure.rows_from_child(__file__, name,
+                                            argv if argv is not None else sys.argv[1:]) or ())
     print(f"tokens/step per feature: fp32 greedy, {args.prompts} prompts per feature in one "
           f"batch, {args.max_tokens} new tokens\n")
     print(table(rows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lade_vllm.adapter.sampling import RequestRows, apply_min_tokens
+from lade_vllm.adapter.token_rules import RequestRows, apply_min_tokens
 
 
 def _proc(min_toks: dict):

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -67,3 +71,15 @@ def shutdown(llm) -> None:
     except Exception:
         pass
     gc.collect()
+
+
+def rows_from_child(script: str, method: str, argv: list[str]) -> list[dict] | None:
+    """Run ``script --one METHOD argv`` in a fresh process (vLLM builds one engine per process)
+    and return the rows it printed as its last ``ROWS <json>`` line, or None if it failed."""
+    cmd = [sys.executable, os.path.abspath(script), "--one", method, *argv]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
+    if proc.returncode or not got:
+        print(f"  [{method}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+        return None
+    return json.loads(got[-1][5:])

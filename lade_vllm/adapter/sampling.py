@@ -11,7 +11,7 @@ The distribution is built the way vLLM 0.32's ``Sampler`` does for an eligible r
 (``vllm/v1/sample/sampler.py``: ``Sampler.forward`` -> ``Sampler.sample``):
 
 1. logits in float32, then ``Sampler.apply_logits_processors``'s steps on every node row, before
-   the argmax too (:func:`apply_token_rules`): allowed_token_ids, bad words, min_tokens, logit
+   the argmax too (``token_rules.apply_token_rules``): allowed_token_ids, bad words, min_tokens, logit
    bias, penalties, with a node's generated tokens = committed output + its path and its output
    position = len(output) + its depth (structured output: the grammar's bitmask is already on
    the logits, one row per tree node, ``lade_vllm.adapter.structured``);
@@ -47,19 +47,10 @@ from typing import Collection
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
-from vllm.v1.sample.ops.bad_words import apply_bad_words
-from vllm.v1.sample.ops.penalties import apply_all_penalties
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-from vllm.v1.sample.sampler import _SAMPLING_EPS, Sampler
+from vllm.v1.sample.sampler import _SAMPLING_EPS
 
-
-@dataclass
-class RequestRows:
-    """Logits rows of one tree request inside this step's logits tensor."""
-    batch_idx: int      # row of the request in vLLM's input batch
-    start: int          # first logits row (the root's)
-    num: int            # rows = scheduled tree nodes incl. the root
+from lade_vllm.adapter.token_rules import (RequestRows, expand_rows, logit_bias_of, min_tokens_of,
+                                           apply_token_rules, needs_paths, process_logits)
 
 
 def root_rows(metadata) -> np.ndarray:
@@ -69,115 +60,6 @@ def root_rows(metadata) -> np.ndarray:
     device-to-host copy of the tensor is needed."""
     n = np.asarray(metadata.num_draft_tokens, dtype=np.int64) + 1
     return np.cumsum(n) - n
-
-
-def _row_batch_idx(reqs: list[RequestRows]) -> torch.Tensor:
-    """[M] the batch index of each row of ``reqs`` (rows concatenated in order)."""
-    return torch.tensor([r.batch_idx for r in reqs], dtype=torch.long).repeat_interleave(
-        torch.tensor([r.num for r in reqs], dtype=torch.long))
-
-
-def _expand(per_req: torch.Tensor, reqs: list[RequestRows]) -> torch.Tensor:
-    """A per-request tensor of vLLM's batch, one entry per row of ``reqs``."""
-    return per_req.cpu()[_row_batch_idx(reqs)]
-
-
-def _logit_bias_of(sampling_metadata) -> dict:
-    """{batch index: {token id: bias}} as vLLM's ``LogitBiasLogitsProcessor`` holds it this step
-    (built under lade by the ``build_logitsprocs`` record, lade_vllm.adapter.runtime), or {} when there is none."""
-    procs = getattr(sampling_metadata, "logitsprocs", None)
-    for proc in (procs.non_argmax_invariant if procs is not None else ()):
-        if isinstance(proc, LogitBiasLogitsProcessor):
-            return proc.biases
-    return {}
-
-
-def _min_tokens_of(sampling_metadata) -> dict:
-    """{batch index: (min_tokens, output token ids, stop token ids, uses structured output)} as
-    vLLM's ``MinTokensLogitsProcessor`` holds it this step (``min_toks``), or {} when none."""
-    procs = getattr(sampling_metadata, "logitsprocs", None)
-    for proc in (procs.non_argmax_invariant if procs is not None else ()):
-        if isinstance(proc, MinTokensLogitsProcessor):
-            return proc.min_toks
-    return {}
-
-
-def apply_min_tokens(x: torch.Tensor, reqs: list[RequestRows], min_toks: dict,
-                     depths) -> torch.Tensor:
-    """``MinTokensLogitsProcessor`` on every node row of ``reqs`` (rows concatenated in order), in
-    place: a row at tree depth d is the request's output position len(output) + d, so its stop
-    tokens (EOS and stop_token_ids, the processor's set) are masked while len(output) + d <
-    min_tokens, as ``apply_with_spec_decode`` masks the first min_tokens - len(output) positions
-    of a chain. For a structured-output request the processor's exception holds too: a row that
-    the masking (after the grammar's bitmask) leaves all -inf gets its stop tokens back."""
-    rows, toks, restore = [], [], []
-    lo = 0
-    d_all = np.asarray(depths, dtype=np.int64)
-    for r in reqs:
-        entry = min_toks.get(r.batch_idx)
-        if entry is not None and entry[2]:
-            min_tok, out_ids, stop_ids = entry[0], entry[1], list(entry[2])
-            at = lo + np.nonzero(len(out_ids) + d_all[lo:lo + r.num] < min_tok)[0]
-            rows.extend(np.repeat(at, len(stop_ids)).tolist())
-            toks.extend(stop_ids * len(at))
-            if len(entry) > 3 and entry[3]:
-                restore.extend(range(len(rows) - len(at) * len(stop_ids), len(rows)))
-        lo += r.num
-    if rows:
-        at = (torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device))
-        kept = x[at] if restore else None
-        x[at] = float("-inf")
-        if restore:
-            sel = torch.tensor(restore, device=x.device)
-            r_rows, r_toks, r_vals = at[0][sel], at[1][sel], kept[sel]
-            back = torch.isneginf(x[r_rows]).all(dim=-1) & torch.isfinite(r_vals)
-            x[r_rows[back], r_toks[back]] = r_vals[back]
-    return x
-
-
-def apply_logit_bias(x: torch.Tensor, reqs: list[RequestRows], biases: dict) -> torch.Tensor:
-    """``LogitBiasLogitsProcessor.apply`` on every node row of ``reqs`` (rows concatenated in
-    order): the request's float32 biases added to the float32 logits, in place."""
-    rows, toks, vals = [], [], []
-    lo = 0
-    for r in reqs:
-        b = biases.get(r.batch_idx)
-        if b:
-            for row in range(lo, lo + r.num):
-                rows.extend([row] * len(b))
-                toks.extend(b.keys())
-                vals.extend(b.values())
-        lo += r.num
-    if rows:
-        at = (torch.tensor(rows, device=x.device), torch.tensor(toks, device=x.device))
-        x[at] += torch.tensor(vals, dtype=torch.float32, device=x.device)
-    return x
-
-
-def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """``MinPLogitsProcessor.apply`` with a per-row ``min_p`` [M] (0 = off)."""
-    probs = torch.softmax(x, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True).mul_(min_p[:, None])
-    return x.masked_fill_(probs < threshold, -float("inf"))
-
-
-def process_logits(x: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
-                   min_p_of: list[float]) -> torch.Tensor:
-    """Steps 2-4 of the module docstring, in place on ``x`` [M, V] float32 (rows of ``reqs``)."""
-    temp = _expand(sampling_metadata.temperature, reqs).to(x.device)
-    x = Sampler.apply_temperature(x, temp, all_random=False)
-    counts = [r.num for r in reqs]
-    if any(m > 0 for m in min_p_of):
-        min_p = torch.tensor(min_p_of, dtype=torch.float32).repeat_interleave(
-            torch.tensor(counts)).to(x.device)
-        x = _apply_min_p(x, min_p)
-    k = None if sampling_metadata.top_k is None else _expand(sampling_metadata.top_k, reqs)
-    p = None if sampling_metadata.top_p is None else _expand(sampling_metadata.top_p, reqs)
-    if k is not None:
-        k = k.to(x.device)
-    if p is not None:
-        p = p.to(x.device)
-    return apply_top_k_top_p(x, k, p)
 
 
 @dataclass
@@ -261,48 +143,6 @@ class NodeTargets:
     streams: dict = field(default_factory=dict)  # batch index -> SeededStream (seeded requests)
 
 
-def needs_paths(sampling_metadata) -> bool:
-    """Whether this step's logits processing reads each node's tokens (penalties, bad words)."""
-    return not sampling_metadata.no_penalties or bool(sampling_metadata.bad_words_token_ids)
-
-
-def apply_token_rules(x: torch.Tensor, reqs: list[RequestRows], sm, biases: dict,
-                      paths: list[list[int]] | None, min_toks: dict | None = None,
-                      depths=None) -> torch.Tensor:
-    """``Sampler.apply_logits_processors`` on every node row of ``reqs``, in vLLM's order:
-    allowed_token_ids, bad words, min_tokens, logit bias, then repetition / frequency / presence
-    penalties. A node's generated tokens are the request's committed output followed by
-    ``paths[row]`` (the drafted tokens from the root's child down to the node), as vLLM's
-    rejection sampler builds them for each draft position of a chain; its output position is
-    len(output) + ``depths[row]`` (min_tokens, ``min_toks``: :func:`_min_tokens_of`)."""
-    b_rows = _row_batch_idx(reqs)
-    if sm.allowed_token_ids_mask is not None:
-        x.masked_fill_(sm.allowed_token_ids_mask.index_select(0, b_rows.to(x.device)),
-                       float("-inf"))
-    past = None
-    if paths is not None:
-        past = [sm.output_token_ids[b] + p for b, p in zip(b_rows.tolist(), paths)]
-    if sm.bad_words_token_ids:
-        apply_bad_words(x, {row: sm.bad_words_token_ids[b] for row, b in enumerate(b_rows.tolist())
-                            if b in sm.bad_words_token_ids}, past)
-    if min_toks:
-        x = apply_min_tokens(x, reqs, min_toks, depths)
-    if biases:
-        x = apply_logit_bias(x, reqs, biases)
-    if not sm.no_penalties:
-        on = ((sm.presence_penalties != 0) | (sm.frequency_penalties != 0)
-              | (sm.repetition_penalties != 1.0)).cpu()[b_rows]
-        rows = on.nonzero()[:, 0]
-        if rows.numel():
-            b = b_rows[rows].to(x.device)
-            at = rows.to(x.device)
-            x[at] = apply_all_penalties(
-                x.index_select(0, at), sm.prompt_token_ids.index_select(0, b),
-                sm.presence_penalties.index_select(0, b), sm.frequency_penalties.index_select(0, b),
-                sm.repetition_penalties.index_select(0, b), [past[i] for i in rows.tolist()])
-    return x
-
-
 def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadata,
                  min_p_of: list[float], keep_processed: bool = False,
                  need_sample: torch.Tensor | None = None, depths=None,
@@ -316,8 +156,8 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     and the trie); the others keep the argmax (window nodes: their targets only feed the pool),
     which saves the top-k/top-p work there."""
     sm = sampling_metadata
-    biases = _logit_bias_of(sm)
-    min_toks = {i: e for i, e in _min_tokens_of(sm).items() if len(e[1]) < e[0]}
+    biases = logit_bias_of(sm)
+    min_toks = {i: e for i, e in min_tokens_of(sm).items() if len(e[1]) < e[0]}
     rules = bool(biases) or bool(min_toks) or needs_paths(sm) \
         or sm.allowed_token_ids_mask is not None
     if sm.all_greedy and not rules and not keep_processed:
@@ -333,7 +173,7 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
     if sampling_metadata.all_greedy:
         return NodeTargets(argmax.cpu(), argmax.cpu(), torch.zeros(M, dtype=torch.bool),
                            x if keep_processed else None)
-    temp = _expand(sampling_metadata.temperature, reqs)
+    temp = expand_rows(sampling_metadata.temperature, reqs)
     req_sampled = temp >= _SAMPLING_EPS
     sampled = req_sampled if need_sample is None else req_sampled & need_sample
     if not bool(sampled.any()) and not keep_processed:
