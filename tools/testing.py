@@ -108,32 +108,6 @@ class ForwardCounter:
                # (openai's pandas proxy) and would import packages into the worker
                "tensors": sum(1 for o in objs if issubclass(type(o), torch.Tensor)),
                "top_types": dict(types.most_common(12))}
-        # functions created since the previous call, by module and name (what keeps closures)
-        import types as _types
-        funcs = [o for o in objs if type(o) is _types.FunctionType]
-        seen = getattr(self, "_lade_seen_funcs", None)
-        if seen is not None:
-            new = collections.Counter(f"{f.__module__}.{f.__qualname__}" for f in funcs
-                                      if id(f) not in seen)
-            out["new_functions"] = dict(new.most_common(10))
-        self._lade_seen_funcs = {id(f) for f in funcs}
-        # top-level packages imported since the previous call, with the stack that imported them
-        import sys
-        import traceback
-        if not hasattr(self, "_lade_imports"):
-            record = self._lade_imports = {}
-
-            class _Recorder:
-                @staticmethod
-                def find_spec(name, path=None, target=None):
-                    top = name.partition(".")[0]
-                    if top not in sys.modules and top not in record:
-                        record[top] = "".join(traceback.format_stack(limit=14)[:-1])
-                    return None
-
-            sys.meta_path.insert(0, _Recorder)
-        out["new_imports"] = dict(self._lade_imports)
-        self._lade_imports.clear()
         if trim:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             out["rss_after_trim_mib"] = psutil.Process().memory_info().rss / 2**20
