@@ -193,7 +193,9 @@ class LadeEngine:
             self.policy.observe_step(step.tokens, time.perf_counter() - step.t0, tree=step.tree)
             step.t0 = None
         live = set(batch.live)
-        stale = [r for r in self.slot_of if r not in live]
+        # requests the runner no longer holds: their slot and info go (a finished request whose
+        # notice this worker never received, e.g. aborted while preempted, included)
+        stale = [r for r in self.slot_of.keys() | self.requests.keys() if r not in live]
         if stale:
             self.release(stale)
         out: list[list[int]] = [[] for _ in batch.sampled]

@@ -11,15 +11,23 @@ from dataclasses import dataclass
 
 
 def spec_counters(llm) -> dict[str, float]:
-    """Current values of vLLM's spec-decode counters (0 when the engine does not speculate)."""
+    """Current values of this engine's spec-decode counters (0 when it does not speculate).
+
+    Read from the engine's own Prometheus stat logger, not from ``LLM.get_metrics()``: that reads
+    the process-wide registry, and every engine started later in the process unregisters all
+    vLLM metrics from it (``PrometheusStatLogger.__init__`` -> ``unregister_vllm_metrics``, vLLM
+    0.32), so an engine shared across tests would read counters that no longer move."""
     out = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0}
-    names = {"vllm:spec_decode_num_drafts": "drafts",
-             "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-             "vllm:spec_decode_num_accepted_tokens": "accepted"}
-    for metric in llm.get_metrics():
-        key = names.get(metric.name)
-        if key is not None:
-            out[key] += float(metric.value)
+    manager = getattr(llm.llm_engine, "logger_manager", None)
+    for logger in getattr(manager, "stat_loggers", ()):
+        prom = getattr(logger, "spec_decoding_prom", None)
+        if prom is None:
+            continue
+        for key, attr in (("drafts", "counter_spec_decode_num_drafts"),
+                          ("draft_tokens", "counter_spec_decode_num_draft_tokens"),
+                          ("accepted", "counter_spec_decode_num_accepted_tokens")):
+            for counter in getattr(prom, attr, {}).values():
+                out[key] += counter._value.get()
     return out
 
 
