@@ -10,7 +10,7 @@ from helpers import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
 from tools import measure, prompts
 
 N_PROMPTS = 24 if FULL else 16
-BATCH1_PROMPTS = 24 if FULL else 6    # per set, at max_num_seqs 1 (the slow part)
+BATCH1_PROMPTS = 24 if FULL else 4    # per set, at max_num_seqs 1 (the slow part)
 MAX_TOKENS = 128 if FULL else 64
 
 

@@ -29,7 +29,7 @@ import pytest
 from helpers import FULL, LADE_TREES, close_llm, make_llm
 from tools import measure, prompts
 
-NUM_SAMPLES = 1000 if FULL else 80
+NUM_SAMPLES = 1000 if FULL else 64
 SAMPLE_LEN = 8
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
 PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
@@ -283,12 +283,13 @@ def test_token_rules_speculated_other_features_identical_and_warned_once(lade_ll
     ps_, params = zip(*cases)
     lade_llm.collective_rpc("lade_probe_start")
     got = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
-    got2 = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False))
+    # a second pass gives the same outputs (CI: test_seeded_requests_reproducible covers it)
+    got2 = _outs(lade_llm.generate(list(ps_), list(params), use_tqdm=False)) if FULL else None
     probe = lade_llm.collective_rpc("lade_probe")[0]
     want = _outs(vanilla_llm.generate(list(ps_), list(params), use_tqdm=False))
     for k, (g, w) in enumerate(zip(got, want)):
         assert g == w, (k, params[k], g, w)
-    assert got2 == got
+    assert got2 is None or got2 == got
     # without min_tokens, vanilla stops (EOS or the stop token) before min_tokens (the
     # requests without other rules; a penalty lengthens the France answer by itself)
     n_min_only = n_min + 2 * len(short)

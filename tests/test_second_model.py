@@ -40,9 +40,9 @@ def gemma_prompts(gemma_dir):
 
     from tools import prompts
     # a base (not instruction-tuned) model: plain code and text prompts, no chat template
-    texts = prompts.load("humaneval", 4) + [
+    texts = prompts.load("humaneval", 4 if FULL else 2) + [
         "The three primary colors are", "def fibonacci(n):\n", "Water boils at",
-        "import numpy as np\n\ndef softmax(x):\n"]
+        "import numpy as np\n\ndef softmax(x):\n"][:4 if FULL else 2]
     tok = AutoTokenizer.from_pretrained(gemma_dir)
     longest = max(len(tok(t).input_ids) for t in texts)
     assert tok("x").input_ids[0] == tok.bos_token_id  # Gemma needs <bos>; models.py adds it
