@@ -4,7 +4,10 @@ For each sequence, find the longest suffix of its committed tokens (prompt + out
 ``MIN_MATCH`` and ``MAX_MATCH`` tokens, that also occurs earlier in the context; the candidate is
 what followed its most recent earlier occurrence, up to ``k`` tokens. This is vLLM's prompt lookup
 (``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent of the
-n-gram size N. Compiled with numba (a vLLM dependency) when available.
+n-gram size N. Compiled with numba (a vLLM dependency) on first use: importing numba when this
+module loads would put llvmlite in ``sys.modules`` before an in-process vLLM worker scans every
+module for Triton kernels to rebind (``vllm.triton_utils.dispatcher``), which llvmlite's wrappers
+break.
 """
 from __future__ import annotations
 
@@ -14,14 +17,6 @@ import torch
 MIN_MATCH = 2
 MAX_MATCH = 8
 
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba ships with vLLM
-    def njit(*args, **kwargs):
-        return (lambda f: f) if not args or not callable(args[0]) else args[0]
-
-
-@njit(cache=False, nogil=True)
 def _match_one(tokens, min_n, max_n, k, out):
     """Fill ``out[:m]`` with the continuation of the longest earlier match; returns m."""
     L = tokens.shape[0]
@@ -41,10 +36,27 @@ def _match_one(tokens, min_n, max_n, k, out):
     return 0
 
 
-@njit(cache=False, nogil=True)
-def _match_batch(flat, offsets, min_n, max_n, k, out):
-    for b in range(offsets.shape[0] - 1):
-        _match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
+def _batch_of(match_one):
+    def match_batch(flat, offsets, min_n, max_n, k, out):
+        for b in range(offsets.shape[0] - 1):
+            match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
+    return match_batch
+
+
+_compiled = None
+
+
+def _match_batch(*args) -> None:
+    """``_match_one`` over every context, numba-compiled on the first call when numba exists."""
+    global _compiled
+    if _compiled is None:
+        try:
+            from numba import njit
+        except ImportError:  # pragma: no cover - numba ships with vLLM
+            _compiled = _batch_of(_match_one)
+        else:
+            _compiled = njit(nogil=True)(_batch_of(njit(nogil=True)(_match_one)))
+    _compiled(*args)
 
 
 def suffix_candidates(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,

@@ -1,6 +1,9 @@
 """Context suffix match (lade_vllm.proposer.suffix) and its place in the step tree."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
@@ -63,3 +66,13 @@ def test_state_puts_the_suffix_match_in_the_tree_newest():
     # one candidate allowed: the suffix match [3..8] (6 tokens), a chain
     assert tree.tokens.tolist() == [2, 3, 4, 5, 6, 7, 8]
     assert tree.parent.tolist() == [-1, 0, 1, 2, 3, 4, 5]
+
+
+def test_numba_is_imported_on_first_match_only():
+    """The step engine's modules load without numba: an in-process vLLM worker scans every module
+    in sys.modules for Triton kernels at init, and llvmlite's wrappers break that scan."""
+    code = ("import sys, numpy as np, lade_vllm.engine, lade_vllm.proposer.suffix as s\n"
+            "assert 'numba' not in sys.modules and 'llvmlite' not in sys.modules\n"
+            "print(s.suffix_candidates([np.array([1, 2, 3, 1, 2])], 2).tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[[3, 1]]"
