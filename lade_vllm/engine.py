@@ -267,6 +267,8 @@ class LadeEngine:
             cands = self.slot_cands[slots]
             args["num_cands"] = torch.ones_like(cands) if level == CHAIN else cands
             args["cand_len"] = self.slot_cand_len[slots]
+        if level == CHAIN:   # the chain length the policy chose for this step
+            args["cand_len"] = args["cand_len"].clamp(max=self.policy.chain_len)
         return args
 
     # ---- 2. plan the forward ----------------------------------------------------------------
@@ -403,6 +405,9 @@ class LadeEngine:
         np.add.at(self.synced, slots.numpy(), res.num_emitted.numpy())
         self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
                                   float(tree.num_nodes.sum()) / len(num_em) - 1.0)
+        if prop.level == CHAIN:
+            self.policy.observe_chain((tree.num_nodes - 1).tolist(), [n - 1 for n in num_em],
+                                      int(prop.tree_args["cand_len"].max()))
         for b, j in enumerate(full):
             k = plan.prop_idx[j]
             lo = int(tree.seq_start[b])

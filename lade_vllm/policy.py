@@ -66,6 +66,18 @@ exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: ev
 ``explore_every`` steps the least recently used other level runs (for tests). The choice never
 affects outputs, only speed.
 
+The chain's length. A chain truncated to L drafts delivers, per request, 1 + sum over d <= L of
+h_1 * ... * h_d tokens, where h_d is the chance that a chain whose first d-1 drafts were accepted
+has a d-th draft and it is accepted: so one record of chain steps predicts every shorter chain.
+:class:`ChainDepths` keeps, per depth, decayed counts of chains that reached it and of those
+accepted there, and of chains long enough to have a draft there (for nodes(L)); a step truncated
+to L observes depths up to L only (a chain accepted to its cap says nothing deeper), and only the
+depths it observes decay, so a depth not run lately keeps its estimate. Once chain steps were
+observed, CHAIN is scored at the L that maximises R * tokens(L) / cost(base + R * (1 + nodes(L)))
+on the plain cost curve, changed only for a predicted gain above ``CHAIN_SWITCH``; every
+``CHAIN_PROBE_EVERY``-th chain step runs one draft longer, the next one shorter, so the
+neighbouring depths and step costs stay measured at a bounded cost. ``chain_len`` is the length the step's chains are cut to.
+
 Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
 dropped), at most ``COST_WINDOW`` samples per bucket and ``LEVEL_WINDOW`` per level, and in all
 about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
@@ -98,6 +110,10 @@ SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
 EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
 EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
+CHAIN_DECAY = 1 / 256  # a chain depth's counts decay by this per step observing that depth
+CHAIN_PRIOR = 0.5     # acceptance assumed at a depth never observed (weight of one chain)
+CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
+CHAIN_SWITCH = 0.01   # the chain length changes for a predicted gain above this
 
 
 class _Samples:
@@ -143,10 +159,14 @@ class _CostBucket:
         self.last = 0            # tick when last fed (for eviction)
         self.value = 0.0         # estimated seconds of a step in this bucket
         self.se = PRIOR_SIGMA    # relative standard error of value
+        self.x = 0.0             # where the bucket's samples lie: mean grid position of the newest
+        self.fed = 0
 
-    def add(self, seconds: float, tick: int) -> bool:
-        """Adds a sample; returns whether the estimate was redone."""
+    def add(self, seconds: float, tick: int, x: float) -> bool:
+        """Adds a sample of grid position ``x``; returns whether the estimate was redone."""
         self.last = tick
+        self.fed = min(self.fed + 1, 64)
+        self.x += (x - self.x) / self.fed
         if not self.samples.add(math.log(seconds), tick):
             return False
         self.value, self.se = self._estimate()
@@ -178,7 +198,7 @@ class StepCostModel:
         self.buckets: dict[int, _CostBucket] = {}
         self.ticks = 0
         self._trimmed = 0        # tick of the last sweep dropping old samples
-        self._curve: tuple[list[int], list[float]] | None = None
+        self._curve: tuple[list[float], list[float], list[_CostBucket]] | None = None
 
     def _bucket(self, tokens: float) -> int:
         return int(round(self._x(tokens)))
@@ -198,7 +218,7 @@ class StepCostModel:
             if len(self.buckets) >= MAX_BUCKETS:   # drop the least recently observed bucket
                 del self.buckets[min(self.buckets, key=lambda k: self.buckets[k].last)]
             bucket = self.buckets[b] = _CostBucket()
-        if bucket.add(seconds, self.ticks):
+        if bucket.add(seconds, self.ticks, self._x(tokens)):
             self._curve = None
         if self.ticks >= self._trimmed + TRIM_EVERY:   # age the buckets not fed lately too
             self._trimmed = self.ticks
@@ -211,11 +231,13 @@ class StepCostModel:
     def known(self) -> bool:
         return bool(self.buckets)
 
-    def curve(self) -> tuple[list[int], list[float]]:
-        """Bucket keys and their estimates made monotone (a bucket never costs less than a smaller
-        one): adjacent buckets out of order are pooled into their sample-weighted mean, so a
-        bucket of few samples bends the curve little (isotonic regression, pool adjacent
-        violators)."""
+    def curve(self) -> tuple[list[float], list[float]]:
+        """Where each bucket's samples lie (mean grid position, increasing) and the bucket
+        estimates made monotone (a bucket never costs less than a smaller one): adjacent buckets
+        out of order are pooled into their sample-weighted mean, so a bucket of few samples
+        bends the curve little (isotonic regression, pool adjacent violators). Positions, not
+        bucket centres: a curve through the centres would misplace every sample by up to half a
+        bucket, and the cost of a token count between two buckets with it."""
         if self._curve is None:
             keys = sorted(self.buckets)
             blocks: list[list[float]] = []   # [value, weight, buckets pooled]
@@ -226,12 +248,19 @@ class StepCostModel:
                     v2, w2, c2 = blocks.pop()
                     v1, w1, c1 = blocks.pop()
                     blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-            self._curve = (keys, [v for v, _, c in blocks for _ in range(int(c))])
-        return self._curve
+            self._curve = ([self.buckets[k].x for k in keys],
+                           [v for v, _, c in blocks for _ in range(int(c))],
+                           [self.buckets[k] for k in keys])
+        return self._curve[:2]
+
+    def _sorted(self) -> list[_CostBucket]:
+        """The buckets in the curve's order."""
+        self.curve()
+        return self._curve[2]
 
     def top(self) -> float:
         """Token count of the largest measured bucket."""
-        return self.RATIO ** max(self.buckets)
+        return self.RATIO ** self.buckets[max(self.buckets)].x
 
     def spans(self) -> bool:
         """Whether the measured buckets span SPAN x in tokens (enough to extrapolate a slope)."""
@@ -256,12 +285,12 @@ class StepCostModel:
             t0 = self.RATIO ** keys[j - 1]
             # the rise less one standard error of it: a rise within the noise extrapolates flat
             # rather than condemning a bigger tree from two noisy buckets
-            b0, b1 = self.buckets[keys[j - 1]], self.buckets[keys[-1]]
+            b0, b1 = self._sorted()[j - 1], self._sorted()[-1]
             rise = vals[-1] - vals[j - 1] - math.hypot(b0.se * vals[j - 1], b1.se * vals[-1])
             return vals[-1] + max(rise, 0.0) / (t1 - t0) * (max(tokens, 1) - t1)
         i = bisect.bisect_right(keys, x)
         k0, k1 = keys[i - 1], keys[i]
-        f = (x - k0) / (k1 - k0)
+        f = (x - k0) / max(k1 - k0, 1e-9)
         return vals[i - 1] + f * (vals[i] - vals[i - 1])
 
     def se(self, tokens: float) -> float:
@@ -276,7 +305,8 @@ class StepCostModel:
         if x < keys[0] - 0.5 or x > keys[-1] + 0.5:
             return UNMEASURED_SE
         i = bisect.bisect_right(keys, x)   # between two buckets: the worse of them, and then some
-        return max(self.buckets[keys[i - 1]].se, self.buckets[keys[i]].se) + 0.05
+        ordered = self._sorted()
+        return max(ordered[i - 1].se, ordered[i].se) + 0.05
 
 
 class _LevelMean:
@@ -311,6 +341,54 @@ class _LevelMean:
             self.se = math.sqrt(var / n) / max(m, 1e-9)
 
 
+class ChainDepths:
+    """Per chain depth d = 1..K, decayed counts: chains that reached d (every earlier draft
+    accepted), of those the ones whose d-th draft exists and was accepted, chains cut at d or
+    deeper, and of those the ones with a d-th draft. See the module docstring."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max(int(max_len), 1)
+        k = self.max_len + 1                  # index 0 unused
+        self.reached, self.accepted = [0.0] * k, [0.0] * k
+        self.cut, self.drafted = [0.0] * k, [0.0] * k
+        self.steps = 0
+
+    def observe(self, drafted: list[int], accepted: list[int], cap: int) -> None:
+        """One step's chains: per request its drafts and accepted drafts; ``cap``: the length
+        the chains were cut to."""
+        top = min(int(cap), self.max_len)
+        if top <= 0 or not drafted:
+            return
+        self.steps += 1
+        keep = 1.0 - CHAIN_DECAY
+        for arr in (self.reached, self.accepted, self.cut, self.drafted):
+            for d in range(1, top + 1):
+                arr[d] *= keep
+        for m, a in zip(drafted, accepted):
+            m, a = min(int(m), top), min(int(a), top)
+            for d in range(1, top + 1):
+                self.cut[d] += 1.0
+                self.drafted[d] += d <= m
+            for d in range(1, a + 1):
+                self.reached[d] += 1.0
+                self.accepted[d] += 1.0
+            if a < top:                       # stopped by a rejection or the chain's end
+                self.reached[a + 1] += 1.0
+
+    def tokens(self, length: int) -> float:
+        """Expected tokens per request of a chain cut to ``length``."""
+        total, p = 1.0, 1.0
+        for d in range(1, min(length, self.max_len) + 1):
+            p *= (self.accepted[d] + CHAIN_PRIOR) / (self.reached[d] + 1.0)
+            total += p
+        return total
+
+    def nodes(self, length: int) -> float:
+        """Expected drafts per request of a chain cut to ``length``."""
+        return sum((self.drafted[d] + 1.0) / (self.cut[d] + 1.0)
+                   for d in range(1, min(length, self.max_len) + 1))
+
+
 @dataclass
 class _Estimate:
     score: float   # tokens/s
@@ -338,6 +416,10 @@ class AdaptivePolicy:
         self.last_used = [0] * len(LEVELS)
         self.steps = 0
         self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
+        self.chain = ChainDepths(int(chain))
+        self.best_chain = self.chain.max_len  # the chain length CHAIN is scored at
+        self.chain_len = self.chain.max_len   # the length this step's chains are cut to
+        self.chain_steps = 0
 
     def cost(self, level: int, tokens: float) -> float:
         """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
@@ -355,10 +437,41 @@ class AdaptivePolicy:
         return model.se(tokens)
 
     def estimate(self, level: int, num_reqs: int, base_tokens: int) -> _Estimate:
+        if level == CHAIN and self.chain.steps:
+            return self._chain_estimate(self.best_chain, num_reqs, base_tokens)
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
         cost = self.cost(level, tokens)
         se = math.hypot(self._cost_se(level, tokens), self.tokens[level].se)
         return _Estimate(num_reqs * self.tokens[level].value / cost, cost, se)
+
+    def _chain_estimate(self, length: int, num_reqs: int, base_tokens: int) -> _Estimate:
+        tokens = base_tokens + num_reqs * (1.0 + self.chain.nodes(length))
+        cost = self.cost(CHAIN, tokens)
+        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se)
+        return _Estimate(num_reqs * self.chain.tokens(length) / cost, cost, se)
+
+    def _probe_len(self, up: bool, num_reqs: int, base_tokens: int) -> int:
+        """The chain length next to ``best_chain`` (longer or shorter) whose step lands in
+        another cost bucket than best_chain's, so that its cost gets measured too."""
+        def bucket(n: int) -> int:
+            return self.cost_plain._bucket(base_tokens + num_reqs * (1 + self.chain.nodes(n)))
+        here, n, step = bucket(self.best_chain), self.best_chain, 1 if up else -1
+        while 1 <= n + step <= self.chain.max_len:
+            n += step
+            if bucket(n) != here:
+                break
+        return n
+
+    def _pick_chain(self, num_reqs: int, base_tokens: int) -> None:
+        """``best_chain``: the chain length of the highest predicted throughput, kept unless
+        another beats it by more than SWITCH_FLOOR."""
+        if not self.chain.steps:
+            return
+        scores = {n: self._chain_estimate(n, num_reqs, base_tokens).score
+                  for n in range(1, self.chain.max_len + 1)}
+        best = max(scores, key=lambda n: (scores[n], -n))
+        if scores[best] > scores[self.best_chain] * (1.0 + CHAIN_SWITCH):
+            self.best_chain = best
 
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         return self.estimate(level, num_reqs, base_tokens).score
@@ -375,11 +488,18 @@ class AdaptivePolicy:
             # to the engine can be slow once (kernel set-up), which the robust mean drops
             level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
         else:
+            self._pick_chain(num_reqs, base_tokens)
             est = [self.estimate(lv, num_reqs, base_tokens) for lv in LEVELS]
             self.exploit = self._exploit(est)
             level = self.exploit
             if self.steps % self.explore_every == 0:
                 level = self._explore(est)
+        if level == CHAIN:
+            self.chain_steps += 1
+            self.chain_len = self.best_chain
+            if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
+                up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
+                self.chain_len = self._probe_len(up, num_reqs, base_tokens)
         self.last_used[level] = self.steps
         self.history[level] += 1
         if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
@@ -441,6 +561,11 @@ class AdaptivePolicy:
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical
+
+    def observe_chain(self, drafted: list[int], accepted: list[int], cap: int) -> None:
+        """A CHAIN step's chains, cut to ``cap`` drafts (the step's ``chain_len``): per request
+        its drafts and accepted drafts."""
+        self.chain.observe(drafted, accepted, cap)
 
     def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""

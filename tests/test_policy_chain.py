@@ -1,0 +1,118 @@
+"""The chain length the adaptive policy picks from per-depth acceptance (no engine).
+
+A chain cut to L drafts delivers 1 + h1 + h1*h2 + ... + h1*...*hL tokens, where h_d is the chance
+a chain accepted through depth d-1 is accepted at d. The policy observes noisy step times and
+sampled acceptances and must realise, over the second half of the run, at least 0.97x the
+throughput of the best fixed choice (plain decoding or a chain of any length).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lade_vllm.policy import CHAIN, LEVELS, OFF, TREE_LEVELS, AdaptivePolicy, ChainDepths
+
+MAX_LEN = 8
+FULL_NODES, LOOKUP_NODES = 55, 12
+TREE_TOKENS = {2: 1.1, 3: 1.2}            # LOOKUP, FULL: poor here, so chains or OFF win
+
+
+def chain_tokens(h, length):
+    total, p = 1.0, 1.0
+    for d in range(length):
+        p *= h[d]
+        total += p
+    return total
+
+
+SCENARIOS = {
+    # extra tokens nearly free: the longest chain wins
+    "long": (1, 0.020, 0.00002, (0.9, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5)),
+    # every token costs as much as the step itself (a compute-bound CPU): a short chain wins
+    "short": (1, 0.004, 0.004, (0.8, 0.5, 0.3, 0.2, 0.2, 0.1, 0.1, 0.1)),
+    # batch 16, tokens dear, drafts rarely right: plain decoding wins
+    "off": (16, 0.030, 0.0015, (0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1)),
+}
+
+
+def true_rate(scn, level, length):
+    r, a, b, h = scn
+    if level == OFF:
+        return r / (a + b * r)
+    return r * chain_tokens(h, length) / (a + b * r * (1 + length))
+
+
+def best_rate(scn):
+    return max([true_rate(scn, OFF, 0)] + [true_rate(scn, CHAIN, n)
+                                             for n in range(1, MAX_LEN + 1)])
+
+
+def simulate(scn, seed, steps=3000):
+    r, a, b, h = scn
+    rng = random.Random(seed)
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, MAX_LEN, explore_every=16)
+    tokens = seconds = 0.0
+    for step in range(steps):
+        level = pol.choose(r, 0)
+        if level == CHAIN:
+            cap = pol.chain_len
+            drafted, accepted = [cap] * r, []
+            for _ in range(r):
+                n = 0
+                while n < cap and rng.random() < h[n]:
+                    n += 1
+                accepted.append(n)
+            fed, emitted = r * (1 + cap), sum(accepted) + r
+            expected = r * chain_tokens(h, cap)
+        elif level == OFF:
+            fed, emitted = r, r
+            expected = emitted
+        else:
+            fed = r * (1 + (FULL_NODES if level == 3 else LOOKUP_NODES))
+            emitted = expected = r * TREE_TOKENS[level]
+        true = a + b * fed * (2.0 if level in TREE_LEVELS else 1.0)
+        noise = rng.lognormvariate(0.0, 0.3) * (5.0 if rng.random() < 0.02 else 1.0)
+        pol.observe_step(fed, true * noise, tree=level in TREE_LEVELS)
+        if level == CHAIN:
+            pol.observe_chain(drafted, accepted, cap)
+        if level != OFF:
+            pol.observe_level(level, emitted / r, fed / r - 1)
+        if step >= steps // 2:   # judged on what its choices deliver in expectation
+            tokens += expected
+            seconds += true
+    return pol, tokens / seconds
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_chain_length_realises_097_of_best(name):
+    scn = SCENARIOS[name]
+    ratios = [round(simulate(scn, seed)[1] / best_rate(scn), 3) for seed in (1, 2, 3)]
+    assert min(ratios) >= 0.97, (name, ratios)
+
+
+def test_chain_length_follows_the_cost():
+    """Free tokens: the longest chain; tokens as dear as a step: a short one."""
+    long_pol, _ = simulate(SCENARIOS["long"], 1)
+    short_pol, _ = simulate(SCENARIOS["short"], 1)
+    assert long_pol.best_chain >= 6 and short_pol.best_chain <= 2, (long_pol.best_chain,
+                                                                      short_pol.best_chain)
+
+
+def test_chain_depths_predict_shorter_chains_and_censor_at_the_cap():
+    depths = ChainDepths(4)
+    for _ in range(200):                      # every chain 4 long, accepted 2 deep
+        depths.observe([4], [2], cap=4)
+    assert depths.tokens(2) == pytest.approx(3.0, abs=0.02)
+    assert depths.tokens(4) == pytest.approx(3.0, abs=0.02)    # depth 3 always rejected
+    assert depths.nodes(3) == pytest.approx(3.0, abs=0.02)
+    fresh = ChainDepths(4)
+    for _ in range(200):                      # cut at 2 and accepted to the cap: 3 unknown
+        fresh.observe([2], [2], cap=2)
+    assert fresh.tokens(2) == pytest.approx(3.0, abs=0.02)
+    assert fresh.tokens(3) == pytest.approx(3.0 + 0.5, abs=0.02)  # the prior at depth 3
+    short = ChainDepths(4)
+    for _ in range(200):                      # chains only 1 long: depth 2 never drafted
+        short.observe([1], [1], cap=4)
+    assert short.tokens(4) == pytest.approx(2.0, abs=0.02)
+    assert short.nodes(4) == pytest.approx(1.0, abs=0.05)
