@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-full soak memory bench profile bench-proposer bench-serve clean
+.PHONY: setup model demo test test-full soak memory bench profile bench-proposer bench-serve arctic clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -49,6 +49,22 @@ test-full: setup
 # on 2 cores; BENCH_ARGS narrows it, e.g. BENCH_ARGS="--batches 1,32 --methods vanilla,ngram,lade".
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# vLLM's `suffix` method for the bench (`--methods ...,suffix`): Snowflake's arctic-inference
+# sdist (a C++ suffix tree) built from source into .venv/arctic, outside the venv's site-packages
+# (its vLLM plugin stays out of every other engine); bench.py puts it on the suffix child's path.
+ARCTIC := $(VENV)/arctic
+$(ARCTIC)/.built: $(STAMP)
+	rm -rf $(ARCTIC) $(ARCTIC)-build
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(ARCTIC)-build \
+		nanobind==2.9.2 ninja grpcio-tools protobuf==5.29.6
+	PYTHONPATH=$(abspath $(ARCTIC))-build PATH=$(abspath $(ARCTIC))-build/bin:$$PATH \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		--no-binary arctic-inference --target $(ARCTIC) arctic-inference==0.3.0
+	PYTHONPATH=$(ARCTIC) $(PY) -c "from arctic_inference.suffix_decoding import SuffixDecodingCache"
+	touch $@
+
+arctic: $(ARCTIC)/.built
 
 # where a step's time goes, per method (ms per phase)
 profile: setup

@@ -37,6 +37,8 @@ METHODS = {
     # the small ngram sweep: fewer / more draft tokens
     "ngram-k3": {**NGRAM, "num_speculative_tokens": 3},
     "ngram-k8": {**NGRAM, "num_speculative_tokens": 8, "prompt_lookup_max": 5},
+    # vLLM's suffix decoding (needs arctic-inference: `make arctic` builds it into .venv/arctic)
+    "suffix": {"method": "suffix"},
     "lade": "lade",                                   # defaults, adaptive policy on
     "lade-full": {"method": "lade", "adaptive": False},   # W7/N5/G7, every step a full tree
     "lade-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3, "guess_set_size": 2,
@@ -45,6 +47,16 @@ METHODS = {
                     "adaptive": False},
 }
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ARCTIC = os.path.join(ROOT, ".venv", "arctic")   # `make arctic`: the suffix method's package
+
+
+def _child_env(name: str) -> dict | None:
+    """The suffix method's child gets arctic-inference on its path (no other engine sees it)."""
+    if name != "suffix":
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ARCTIC, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def run_method(name: str, args) -> list[dict]:
@@ -170,6 +182,9 @@ def main(argv=None) -> None:
         print("ROWS " + json.dumps(run_method(args.one, args)), flush=True)
         return
     methods = args.methods.split(",")
+    if "suffix" in methods and not os.path.exists(os.path.join(ARCTIC, ".built")):
+        print("suffix: skipped (arctic-inference not built: run `make arctic`)", file=sys.stderr)
+        methods.remove("suffix")
     if "vanilla" not in methods:
         methods.insert(0, "vanilla")
     rows = []
@@ -178,7 +193,8 @@ def main(argv=None) -> None:
             print(f"[rep {rep + 1}/{args.repeat}, {k}/{len(methods)}] {name} ...",
                   file=sys.stderr, flush=True)
             got = measure.rows_from_child(__file__, name,
-                                          argv if argv is not None else sys.argv[1:])
+                                          argv if argv is not None else sys.argv[1:],
+                                          env=_child_env(name))
             rows.extend({**r, "rep": rep} for r in got or ())
     import torch
     import vllm

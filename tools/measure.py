@@ -81,11 +81,13 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-def rows_from_child(script: str, method: str, argv: list[str]) -> list[dict] | None:
-    """Run ``script --one METHOD argv`` in a fresh process (vLLM builds one engine per process)
-    and return the rows it printed as its last ``ROWS <json>`` line, or None if it failed."""
+def rows_from_child(script: str, method: str, argv: list[str], env: dict | None = None
+                    ) -> list[dict] | None:
+    """Run ``script --one METHOD argv`` in a fresh process (vLLM builds one engine per process;
+    ``env``: its environment, default ours) and return the rows it printed as its last
+    ``ROWS <json>`` line, or None if it failed."""
     cmd = [sys.executable, os.path.abspath(script), "--one", method, *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     got = [x for x in proc.stdout.splitlines() if x.startswith("ROWS ")]
     if proc.returncode or not got:
         print(f"  [{method}] FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
