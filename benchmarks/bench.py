@@ -90,12 +90,16 @@ def run_method(name: str, args) -> list[dict]:
             row = {"method": name, "dataset": dataset, "batch": b, "tokens": tokens,
                    "seconds": seconds, "tok_s": tokens / seconds,
                    "tokens_per_step": tokens / max(tokens - accepted, 1)}
+            if b == 1:   # one request per step: seconds per engine step
+                row["ms_per_step"] = 1000 * seconds / max(tokens - accepted, 1)
             if is_lade:
                 host = after["stats"]["host_seconds"] - before["stats"]["host_seconds"]
                 steps = after["stats"]["steps"] - before["stats"]["steps"]
                 row["host_ms_per_step"] = 1000 * host / max(steps, 1)
                 row["ms_per_step"] = 1000 * seconds / max(steps, 1)
                 row["levels"] = [a - b_ for a, b_ in zip(after["history"], before["history"])]
+                row["chain_len"] = after.get("chain_len")
+                row["cost_ms"] = {k: after.get(k) for k in ("plain_ms", "tree_ms")}
             rows.append(row)
             print(f"  [{name}] {dataset} batch {b}: {row['tok_s']:.1f} tok/s, "
                   f"{row['tokens_per_step']:.2f} tokens/step", file=sys.stderr, flush=True)
@@ -123,19 +127,35 @@ def table(rows: list[dict]) -> str:
         return f"{statistics.median(out):.2f}x ({min(out):.2f}x)" if out else ""
 
     out = ["| dataset | batch | method | tok/s min / median / max | tokens/step | "
-           "vs vanilla median (worst) | vs ngram median (worst) | proposer host ms/step | "
-           "lade levels off/chain/lookup/full |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "vs vanilla median (worst) | vs ngram median (worst) | ms/step (batch 1) | "
+           "proposer host ms/step | lade levels off/chain/lookup/full |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, b, m), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         tps = statistics.median(r["tokens_per_step"] for r in rs)
         host = (f"{statistics.median(r['host_ms_per_step'] for r in rs):.2f}"
                 if "host_ms_per_step" in rs[0] else "")
         levels = ("/".join(str(sum(r["levels"][i] for r in rs)) for i in range(4))
                   if "levels" in rs[0] else "")
+        step = (f"{statistics.median(r['ms_per_step'] for r in rs):.1f}"
+                if b == 1 and "ms_per_step" in rs[0] else "")
         out.append(f"| {ds} | {b} | {m} | {_spread([r['tok_s'] for r in rs])} | {tps:.2f} | "
                    f"{ratios(rs, 'vanilla') if m != 'vanilla' else ''} | "
                    f"{ratios(rs, 'ngram') if m not in ('vanilla', 'ngram') else ''} | "
-                   f"{host} | {levels} |")
+                   f"{step} | {host} | {levels} |")
+    return "\n".join(out)
+
+
+def cost_curves(rows: list[dict]) -> str:
+    """The step cost against tokens fed that each lade engine measured (its policy's curves:
+    plain/chain steps through vLLM's kernel, tree steps through tree attention), from its last
+    row, and the chain length it settled on."""
+    out = []
+    for r in rows:
+        if "cost_ms" in r and r.get("rep", 0) == max(x.get("rep", 0) for x in rows):
+            curves = "; ".join(f"{name}: " + ", ".join(f"T={t}: {ms}" for t, ms in (c or {}).items())
+                               for name, c in r["cost_ms"].items())
+            out.append(f"- {r['method']} {r['dataset']} batch {r['batch']} (chain length "
+                       f"{r.get('chain_len')}): {curves}")
     return "\n".join(out)
 
 
@@ -204,6 +224,9 @@ def main(argv=None) -> None:
             f"vllm {vllm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs; load average at end {os.getloadavg()[0]:.1f}")
     md = head + "\n\n" + table(rows) + "\n"
+    curves = cost_curves(rows)
+    if curves:
+        md += "\nlade step cost (ms) against tokens fed T, as its policy measured it:\n" + curves + "\n"
     md_path = os.path.join(RESULTS, f"bench-{stamp}.md")
     with open(md_path, "w") as f:
         f.write(md)

@@ -63,12 +63,15 @@ class ForwardCounter:
         if driver is None:
             return {}
         pol = driver.policy
-        costs = {name: {round(m.RATIO ** b): round(e.value * 1000, 2) for b, e in sorted(m.buckets.items())}
+        # step cost against tokens fed: per bucket, where its samples lie -> robust mean ms
+        costs = {name: {round(m.RATIO ** e.x, 1): round(e.value * 1000, 2)
+                        for _, e in sorted(m.buckets.items())}
                  for name, m in (("plain_ms", pol.cost_plain), ("tree_ms", pol.cost_tree))}
         return {"stats": dict(driver.stats), "history": list(pol.history),
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
                 # per level: its tokens estimate comes from observed steps (not the prior)
-                "measured": [e.measured for e in pol.tokens], **costs}
+                "measured": [e.measured for e in pol.tokens],
+                "chain_len": pol.best_chain, **costs}
 
     def lade_state_sizes(self) -> dict:
         """Sizes of every lade structure that could grow with traffic: per-request maps (slots,
