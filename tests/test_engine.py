@@ -169,3 +169,25 @@ def test_the_engine_imports_no_vllm():
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_chain_steps_are_cut_to_the_policys_length_and_observed():
+    """At CHAIN the candidate is cut to ``policy.chain_len`` drafts; each committed chain step
+    feeds the policy's per-depth record with the chain's drafts and accepted drafts."""
+    from lade_vllm import policy as pol_mod
+    run = Run(PROMPTS, cfg=LadeConfig())
+    pol = run.engine.policy
+    pol.choose = lambda n, b: pol_mod.CHAIN      # every step a chain, cut to 2
+    pol.chain_len = 2
+    seen = []
+    original = pol.observe_chain
+    pol.observe_chain = lambda d, a, cap: (seen.append((d, a, cap)), original(d, a, cap))
+    for _ in range(10):
+        run.step()
+    assert seen and all(cap == 2 and max(d) <= 2 and all(x <= y for x, y in zip(a, d))
+                        for d, a, cap in seen)
+    assert any(sum(a) for _, a, _ in seen)       # the stand-in model's cycles are accepted
+    for i, (r, p) in enumerate(PROMPTS.items()):  # and the text is still the model's own
+        n = int(run.num[i])
+        assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r
+    assert pol.chain.steps == len(seen)
