@@ -71,7 +71,7 @@ profile: setup
 	$(PY) benchmarks/profile_step.py
 
 # Full-size serving soak: 32 streaming clients, 10 rounds x 40 requests, 20% aborted, memory read
-# after every round (CI runs 8 clients, 10 x 10).
+# after every round (CI runs 8 clients, 10 rounds x 8 requests).
 soak: setup
 	LADE_FULL=1 $(PY) -m pytest -q -ra -s tests/test_lade_soak.py
 

@@ -11,7 +11,7 @@ from tools import measure, prompts
 
 N_PROMPTS = 24 if FULL else 16
 BATCH1_PROMPTS = 24 if FULL else 4    # per set, at max_num_seqs 1 (the slow part)
-MAX_TOKENS = 128 if FULL else 64
+MAX_TOKENS = 128 if FULL else 48
 
 
 @pytest.fixture(scope="module")

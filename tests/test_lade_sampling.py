@@ -29,7 +29,7 @@ import pytest
 from helpers import FULL, LADE_TREES, close_llm, make_llm
 from tools import measure, prompts
 
-NUM_SAMPLES = 1000 if FULL else 64
+NUM_SAMPLES = 1000 if FULL else 32
 SAMPLE_LEN = 8
 EOS = 2  # <|im_end|> of SmolLM2-Instruct
 PERSON_SCHEMA = {"type": "object", "additionalProperties": False,

@@ -15,7 +15,7 @@ clients, mid-stream aborts and KV-cache preemption.
   (pool + window) for any finished, aborted or preempted request (read over vLLM's dev-mode
   /collective_rpc through tools.testing.ForwardCounter).
 
-CI size: 8 clients, 10 rounds x 10 requests. Full size (`make soak`, LADE_FULL=1): 32 clients,
+CI size: 8 clients, 10 rounds x 8 requests. Full size (`make soak`, LADE_FULL=1): 32 clients,
 10 rounds x 40 requests. Vanilla and lade side by side, round by round:
 benchmarks/memory_rounds.py.
 """
@@ -30,7 +30,7 @@ from helpers import FULL, start_server
 from tools import prompts
 from tools.traffic import SAMPLED_TEMPERATURE, Job, Result, make_jobs, run_jobs
 
-CLIENTS, ROUND_REQUESTS, NUM_PROMPTS = (32, 40, 24) if FULL else (8, 10, 10)
+CLIENTS, ROUND_REQUESTS, NUM_PROMPTS = (32, 40, 24) if FULL else (8, 8, 10)
 ROUNDS = 10
 #: the memory plateaus: the server tree's RSS grows at most PLATEAU_BOUND from the end of round
 #: PLATEAU_FROM to the end of the last round
@@ -38,7 +38,7 @@ ROUNDS = 10
 #: measured at CI size 2026-12-02: +21 +28 +19 +4 0 +4 +14 +1 MiB per round after round 2)
 PLATEAU_FROM, PLATEAU_BOUND = 5, 64 * 2**20
 MAX_NUM_SEQS = 8
-MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 24, 48, 64)
+MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 16, 32, 48)
 #: KV cache: 12 blocks x 128 tokens = 1,536 slots for 8 concurrent requests (prompts up to ~300
 #: tokens, trees of up to 57 nodes): preemption under the burst (and during the soak)
 KV_BLOCKS = 12
