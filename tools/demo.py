@@ -2,7 +2,10 @@
 vLLM's ngram, side by side: tokens/s, tokens/step, speedup, outputs identical to vanilla, and a PNG
 chart of the same numbers.
 
-    python -m tools.demo [--prompts 8] [--max-tokens 128] [--dtype bfloat16] [--verbose]
+    python -m tools.demo [--prompts 8] [--max-tokens 128] [--dtype auto] [--verbose]
+
+``--dtype auto`` (the default) is bfloat16 where the CPU computes it natively (AVX-512 BF16 or
+AMX) and float32 elsewhere (an AVX2-only CPU emulates bf16 GEMMs at 2-3x the cost of fp32).
 
 vLLM's own log is kept to errors unless ``--verbose``; each method shows one progress bar.
 """
@@ -26,6 +29,17 @@ METHODS = {
 }
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "benchmarks", "results")
+
+
+def default_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """bfloat16 where the CPU has native bf16 arithmetic, float32 elsewhere."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return "bfloat16"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def table(results, base, title: str) -> str:
@@ -58,10 +72,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU has native "
+                    "bf16 (AVX-512 BF16, AMX), else float32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--verbose", action="store_true", help="show vLLM's full log")
     args = ap.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = default_dtype()
     for key, value in {**ENV_DEFAULTS, **({} if args.verbose else QUIET)}.items():
         os.environ.setdefault(key, value)
 
