@@ -42,7 +42,7 @@ def vanilla_llm(model_dir):
 
 @pytest.fixture(scope="session")
 def lade_trees_llm(model_dir):
-    """The session's lade engine with the test defaults and full trees on every step
+    """The session's lade engine with the test defaults and a tree on every step
     (helpers.LADE_TREES), shared by the modules that need exactly this configuration; both test
     probes are installed (lade_sampling_ext.LadeTestProbe)."""
     from helpers import LADE_TREES

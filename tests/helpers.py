@@ -11,9 +11,18 @@ import os
 #: ``LADE_FULL=1``: the soak and benchmark parts run at full size
 FULL = os.environ.get("LADE_FULL") == "1"
 
-#: lade with the adaptive policy off: every step of every eligible request is a full tree (the
+#: The tree size of the suite's lade engines. A CI step costs about its token count on 2 shared
+#: cores (no AMX: ~10 ms per query token), and lade's tree steps are most of the suite's time, so CI
+#: uses W4/N4/G3 with 6-token suffix candidates: 1 + 3 + 8 + 9 + 6 = 27 query tokens per request per
+#: step against the defaults' (W7/N5/G7/K8) 64. Every code path is the one the defaults take
+#: (window rows, merged trie rows, the suffix chain, multi-token runs). LADE_FULL=1: the defaults.
+CI_TREE: dict = {} if FULL else {"window_size": 4, "ngram_size": 4, "guess_set_size": 3,
+                                 "suffix_tokens": 6}
+#: lade with the adaptive policy off: every step of every eligible request is a tree (the
 #: strongest exactness check; the policy's own test turns it on).
-LADE_TREES = {"method": "lade", "adaptive": False}
+LADE_TREES = {"method": "lade", "adaptive": False, **CI_TREE}
+#: the same at the engine's default tree size, for the tokens/step comparison with ngram
+LADE_DEFAULT_TREES = {"method": "lade", "adaptive": False}
 NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 5,
                 "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 

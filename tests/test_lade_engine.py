@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from helpers import LADE_TREES, FULL, NGRAM_CONFIG, close_llm, make_llm
+from helpers import FULL, LADE_DEFAULT_TREES, NGRAM_CONFIG, close_llm, make_llm
 from tools import measure, prompts
 
-N_PROMPTS = 24 if FULL else 16
+N_PROMPTS = 24 if FULL else 10  # per set; the batch-8 runs: a full batch, then 2 joining
 BATCH1_PROMPTS = 24 if FULL else 4    # per set, at max_num_seqs 1 (the slow part)
 MAX_TOKENS = 128 if FULL else 48
 
@@ -30,7 +30,7 @@ def reference(vanilla_llm, prompt_sets):
 
 @pytest.fixture(scope="module")
 def lade_batch8(lade_trees_llm):
-    """The session's shared full-tree lade engine (max_num_seqs 8, forward counter installed)."""
+    """The session's shared tree lade engine (max_num_seqs 8, forward counter installed)."""
     return lade_trees_llm
 
 
@@ -86,7 +86,8 @@ def test_lade_batch8_identical_to_vanilla(lade_batch8, reference, prompt_sets, n
 
 def test_lade_batch1_identical_to_vanilla_and_beats_ngram_tokens_per_step(
         model_dir, reference, prompt_sets, ngram_results):
-    lade = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=1, disable_log_stats=False)
+    lade = make_llm(model_dir, speculative_config=dict(LADE_DEFAULT_TREES), max_num_seqs=1,
+                    disable_log_stats=False)
     try:
         lade_res = {n: _run(lade, ps[:BATCH1_PROMPTS]) for n, ps in prompt_sets.items()}
     finally:

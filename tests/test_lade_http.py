@@ -17,12 +17,18 @@ import time
 
 import pytest
 
-from helpers import start_server
+from helpers import CI_TREE, LADE_TREES, start_server
+from lade_vllm.config import LadeConfig
 from tools.server import MODEL_NAME
 
 MAX_MODEL_LEN = 512
-BUDGET = 128  # --max-num-batched-tokens: a 440-token prompt takes 4 chunks; trees are truncated
-SPEC = '{"method": "lade", "adaptive": false}'  # full W7/N5/G7 trees: 56 draft nodes per request, more than the budget allows for 4
+#: trees on every step (CI size: 27 query tokens per request)
+SPEC = json.dumps(LADE_TREES)
+#: the tree's limits, which per-request options may not exceed
+TREE = LadeConfig(**CI_TREE)
+#: --max-num-batched-tokens: a 440-token prompt takes 5 chunks; the trees of 4 requests
+#: (4 x 27 tokens in CI, 4 x 64 at the defaults) exceed it and are truncated
+BUDGET = 96
 STAGGER = (3, 7, 12, 20, 33, 50)  # max_tokens of the staggered requests, started 0.4 s apart
 EOS_CANDIDATES = (  # chat-templated conversations whose assistant turn is already complete
     ("Say OK and nothing else.", "OK"),
@@ -170,12 +176,13 @@ def test_bad_input_fails_alone(http_server, cases):
     too_long = [1] * (MAX_MODEL_LEN + 40)
     bad_json = [  # (path, payload, words the error must contain)
         ("/v1/completions", {**base, "vllm_xargs": {"lade": '{"window_size": 99}'}},
-         ["window_size", "[1, 7]", "99"]),
+         ["window_size", f"[1, {TREE.window_size}]", "99"]),
         ("/v1/completions", {**base, "stream": True,
-                             "vllm_xargs": {"lade": '{"ngram_size": 1}'}}, ["ngram_size", "[2, 5]"]),
-        ("/v1/chat/completions", {**chat, "stream": True,
-                                  "vllm_xargs": {"lade": '{"guess_set_size": 8}'}},
-         ["guess_set_size", "[0, 7]"]),
+                             "vllm_xargs": {"lade": '{"ngram_size": 1}'}},
+         ["ngram_size", f"[2, {TREE.ngram_size}]"]),
+        ("/v1/chat/completions", {**chat, "stream": True, "vllm_xargs": {
+            "lade": json.dumps({"guess_set_size": TREE.guess_set_size + 1})}},
+         ["guess_set_size", f"[0, {TREE.guess_set_size}]"]),
         ("/v1/chat/completions", {**chat, "vllm_xargs": {"lade": '{"tree": 3}'}},
          ["unknown", "tree"]),
         ("/v1/completions", {**base, "vllm_xargs": {"lade": False}}, ["lade", "\"false\""]),

@@ -42,7 +42,7 @@ PERSON_SCHEMA = {"type": "object", "additionalProperties": False,
 
 @pytest.fixture(scope="module")
 def lade_llm(lade_trees_llm):
-    """The session's shared full-tree lade engine (sampling probe installed)."""
+    """The session's shared tree lade engine (sampling probe installed)."""
     return lade_trees_llm
 
 

@@ -11,8 +11,9 @@ MAX_MODEL_LEN = 1024
 
 @pytest.fixture(scope="module")
 def tight_lade(model_dir):
-    # 10 blocks of 128 tokens for 8 concurrent requests whose trees need 56 extra slots each:
-    # the scheduler must preempt; a 160-token budget chunks long prompts and truncates trees.
+    # 10 blocks of 128 tokens for 8 concurrent requests, each with a tree of 26 extra slots (CI
+    # size): the scheduler must preempt; a 160-token budget chunks long prompts and truncates
+    # the trees of 8 requests (8 x 27 query tokens).
     llm = make_llm(model_dir, speculative_config=dict(LADE_TREES), max_num_seqs=8, max_model_len=MAX_MODEL_LEN,
                    num_gpu_blocks_override=10, enable_chunked_prefill=True,
                    max_num_batched_tokens=160,
@@ -34,7 +35,7 @@ def test_preemption_chunked_prefill_and_truncation(tight_lade, vanilla_llm, toke
     ps = prompts.load("mtbench", 6, tokenizer) + prompts.load("humaneval", 6)
     long_prompt = "\n".join(prompts.load("humaneval", 12)[6:12])  # several chunks of prefill
     ps.append(long_prompt)
-    sp = SamplingParams(temperature=0.0, max_tokens=96)
+    sp = SamplingParams(temperature=0.0, max_tokens=64)
     before = _preemptions(tight_lade)
     got = tight_lade.generate(ps, sp, use_tqdm=False)
     want = vanilla_llm.generate(ps, sp, use_tqdm=False)

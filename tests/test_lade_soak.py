@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from helpers import FULL, start_server
+from helpers import FULL, LADE_TREES, start_server
 from tools import prompts
 from tools.traffic import SAMPLED_TEMPERATURE, Job, Result, make_jobs, run_jobs
 
@@ -40,14 +40,13 @@ PLATEAU_FROM, PLATEAU_BOUND = 5, 64 * 2**20
 MAX_NUM_SEQS = 8
 MAX_TOKENS = (8, 32, 64, 128) if FULL else (8, 16, 32, 48)
 #: KV cache: 12 blocks x 128 tokens = 1,536 slots for 8 concurrent requests (prompts up to ~300
-#: tokens, trees of up to 57 nodes): preemption under the burst (and during the soak)
+#: tokens, trees of up to 63 nodes; 26 in CI): preemption under the burst (and during the soak)
 KV_BLOCKS = 12
 BURST_TOKENS = 96
 #: allowed growth of the server tree's RSS over the soak (it is ~3 GiB: model, KV cache, runtime)
 RSS_BOUND = 256 * 2**20
-#: a tree small enough for 2 shared cores in CI; the engine defaults (W7/N5/G7) at full size
-SPEC = "lade" if FULL else ('{"method": "lade", "window_size": 4, "ngram_size": 4, '
-                             '"guess_set_size": 4, "adaptive": false}')
+#: CI: trees on every step at the suite's CI size; full size: the engine defaults (adaptive)
+SPEC = "lade" if FULL else json.dumps(LADE_TREES)
 
 
 @pytest.fixture(scope="module")
