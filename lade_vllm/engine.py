@@ -267,8 +267,9 @@ class LadeEngine:
             cands = self.slot_cands[slots]
             args["num_cands"] = torch.ones_like(cands) if level == CHAIN else cands
             args["cand_len"] = self.slot_cand_len[slots]
-        if level == CHAIN:   # the chain length the policy chose for this step
+        if level == CHAIN:   # the suffix match only, cut to the length the policy chose
             args["cand_len"] = args["cand_len"].clamp(max=self.policy.chain_len)
+            args["suffix_only"] = True
         return args
 
     # ---- 2. plan the forward ----------------------------------------------------------------

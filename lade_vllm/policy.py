@@ -9,8 +9,8 @@ of four levels for the step's lookahead requests:
 level  tree per request                             nodes per request (besides the root)
 ====== ============================================ =========================================
 OFF    root only: plain decoding                    0
-CHAIN  one candidate (window frozen), cut to a       up to K (suffix match) or N-1 (pool),
-       length chosen from its measured acceptance   a chain
+CHAIN  the context suffix match (window frozen),     up to K, a chain (0 without a match;
+       cut to a length chosen from its acceptance   the pool's one with suffix_tokens=0)
 LOOKUP pool candidates only (window frozen)         up to G*(N-1), trie-merged
 FULL   Jacobi window + pool candidates              up to (W-1) + W*(N-2) + G*(N-1)
 ====== ============================================ =========================================

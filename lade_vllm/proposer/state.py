@@ -82,12 +82,15 @@ class LookaheadState:
     def propose(self, slots: torch.Tensor, last_tokens: torch.Tensor,
                 enabled: torch.Tensor | None = None, max_cand_len: int | None = None,
                 use_window: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
-                cand_len: torch.Tensor | None = None, contexts: list | None = None) -> StepTree:
+                cand_len: torch.Tensor | None = None, contexts: list | None = None,
+                suffix_only: bool = False) -> StepTree:
         """Step tree for ``slots`` [B] whose last committed tokens are ``last_tokens`` [B].
 
         ``contexts``: per sequence its committed tokens (prompt + output, numpy int arrays, the
         last one is ``last_tokens``); with ``suffix_tokens`` > 0 their suffix match is one more
-        candidate, placed newest (a one-candidate step takes it when there is one).
+        candidate, placed newest (a one-candidate step takes it when there is one);
+        ``suffix_only`` leaves the pool's candidates out (a sequence without a match gets a
+        root-only tree), if the suffix match is on.
 
         ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding).
         ``use_window`` [B] bool: False leaves the window out of this step (it stays frozen; only
@@ -96,6 +99,8 @@ class LookaheadState:
         slots = slots.long()
         cands, valid = self.pool.lookup(slots, last_tokens)
         if contexts is not None and self.suffix_tokens > 0:
+            if suffix_only:
+                valid = torch.zeros_like(valid)
             cands, valid = self._with_suffix(cands, valid, contexts)
         levels, filled, width = self.windows.window_inputs(slots)
         if enabled is not None:

@@ -68,6 +68,24 @@ def test_state_puts_the_suffix_match_in_the_tree_newest():
     assert tree.parent.tolist() == [-1, 0, 1, 2, 3, 4, 5]
 
 
+def test_suffix_only_leaves_the_pool_out():
+    """CHAIN steps (``suffix_only``): the suffix match's chain, or a root-only tree when the
+    context has no match, even though the pool holds candidates for the last token."""
+    st = LookaheadState(2, 3, 3, 2, suffix_tokens=6)
+    ctx = np.array([1, 2, 3, 4, 5, 6, 7, 8, 1, 2])
+    st.start(0, torch.from_numpy(ctx), seed=0)
+    args = dict(use_window=torch.tensor([False]), num_cands=torch.tensor([1]), suffix_only=True)
+    tree = st.propose(torch.tensor([0]), torch.tensor([2]), contexts=[ctx], **args)
+    assert tree.tokens.tolist() == [2, 3, 4, 5, 6, 7, 8]
+    no_match = np.array([5, 2, 3, 9, 7, 1, 3])   # no earlier [1, 3]; the pool has 3 -> 9 7
+    st.start(1, torch.from_numpy(no_match), seed=0, pool_from_prompt=True)
+    last, free = torch.tensor([3]), dict(use_window=torch.tensor([False]))
+    pooled = st.propose(torch.tensor([1]), last, contexts=[no_match], **free)
+    assert pooled.tokens.tolist() == [3, 9, 7]
+    tree = st.propose(torch.tensor([1]), last, contexts=[no_match], **args)
+    assert tree.tokens.tolist() == [3]
+
+
 def test_numba_is_imported_on_first_match_only():
     """The step engine's modules load without numba: an in-process vLLM worker scans every module
     in sys.modules for Triton kernels at init, and llvmlite's wrappers break that scan."""
