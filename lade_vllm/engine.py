@@ -210,6 +210,10 @@ class LadeEngine:
         self.pending = prop = self._build(rows, level, batch.token_ids)
         for (row, *_), drafts in zip(rows, prop.drafts):
             out[row] = drafts
+        empty = sum(not d for d in prop.drafts)
+        if level == CHAIN and empty:
+            # no context match: these chains are known now to draft nothing and emit one token
+            self.policy.observe_chain([0] * empty, [0] * empty, self.policy.chain_len)
         return out
 
     def _lade_rows(self, batch: ProposeBatch) -> list[tuple]:

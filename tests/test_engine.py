@@ -191,3 +191,21 @@ def test_chain_steps_are_cut_to_the_policys_length_and_observed():
         n = int(run.num[i])
         assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r
     assert pol.chain.steps == len(seen)
+
+
+def test_chain_steps_without_a_context_match_are_observed_as_empty_chains():
+    """A CHAIN step whose request has no suffix match drafts nothing; the policy still learns
+    it (a chain of 0 drafts, 0 accepted), or CHAIN would keep its prior forever on text that
+    rarely repeats itself and never be chosen or ruled out on evidence."""
+    from lade_vllm import policy as pol_mod
+    run = Run({"a": [1, 2, 3, 4]}, cfg=LadeConfig())   # no earlier occurrence of any suffix
+    pol = run.engine.policy
+    pol.choose = lambda n, b: pol_mod.CHAIN
+    seen = []
+    original = pol.observe_chain
+    pol.observe_chain = lambda d, a, cap: (seen.append((d, a, cap)), original(d, a, cap))
+    run.step()
+    assert seen[0] == ([0], [0], pol.chain_len)
+    assert pol.chain.steps == 1
+    assert pol.chain.tokens(pol.chain.max_len) < pol_mod.ChainDepths(pol.chain.max_len).tokens(
+        pol.chain.max_len)   # the empty chain lowered the expected tokens
