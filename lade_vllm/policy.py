@@ -305,8 +305,12 @@ class StepCostModel:
             return near.se
         if x < keys[0] - 0.5 or x > keys[-1] + 0.5:
             return UNMEASURED_SE
-        i = bisect.bisect_right(keys, x)   # between two buckets: the worse of them, and then some
         ordered = self._sorted()
+        if len(ordered) == 1:
+            return ordered[0].se + 0.05
+        # between two buckets (or within half a bucket outside the first or last, which lie
+        # where their samples do, not at a bucket centre): the worse of the two, and then some
+        i = min(max(bisect.bisect_right(keys, x), 1), len(keys) - 1)
         return max(ordered[i - 1].se, ordered[i].se) + 0.05
 
 

@@ -77,6 +77,20 @@ def test_cost_model_is_monotone_and_interpolates():
     assert cm(2048) > cm(512)  # beyond the measured range: grows with tokens
 
 
+def test_cost_error_next_to_the_outer_buckets():
+    """Buckets lie where their samples do: a token count within half a bucket beyond the last
+    (or before the first) one, in a bucket of its own not yet fed, gets an error, not a crash."""
+    one = StepCostModel()
+    one.observe(10, 0.1)                 # grid position 10.3, bucket 10
+    assert one.se(10.9) > 0               # position 10.7: bucket 11, empty
+    two = StepCostModel()
+    for _ in range(3):
+        two.observe(10, 0.1)
+        two.observe(4, 0.05)
+    assert two.se(10.9) > two.buckets[10].se
+    assert two.se(3.6) > 0                # before the first bucket's position (6.2), bucket 6
+
+
 def test_one_slow_step_does_not_condemn_a_level():
     """A load spike while the cheap levels are first measured must not keep the policy off a level
     that wins: an unused level's exploration margin relaxes until it is measured again."""
