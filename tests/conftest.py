@@ -75,8 +75,10 @@ def lade_trees_llm(model_dir):
 LONGEST_FIRST = ("test_lade_sampling", "test_lade_soak", "test_lade_engine", "test_examples",
                  "test_lade_scheduling", "test_lade_adaptive", "test_lade_http",
                  "test_reference_driver")
-# Modules that start a local Ray cluster: on one worker, one cluster at a time.
-RAY_MODULES = ("test_ray", "test_examples")
+# On one worker together: the modules using the session's lade_trees_llm (one copy of that
+# engine: two workers' engines come close to 24 GiB) and those starting a local Ray cluster (one
+# cluster at a time).
+SHARED = ("test_lade_sampling", "test_lade_engine", "test_ray", "test_examples")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -86,6 +88,6 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: modules keep order
     for item in items:
-        group = "ray" if item.path.stem in RAY_MODULES else \
+        group = "shared" if item.path.stem in SHARED else \
             str(item.path.relative_to(config.rootpath))
         item.add_marker(pytest.mark.xdist_group(group))
