@@ -46,7 +46,7 @@ TEST_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
 TEST_KV_GIB ?= 1
 test: setup
 	VLLM_CPU_KVCACHE_SPACE=$(TEST_KV_GIB) $(PY) -m pytest -q -ra --durations=15 \
-		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+		-n $(TEST_WORKERS) --no-loadscope-reorder tests
 
 # Full-size soak and benchmark parts (CI runs bounded versions).
 test-full: setup

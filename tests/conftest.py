@@ -8,6 +8,7 @@ helpers.py; the repository root (for ``tools``) is on the path through pyproject
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,13 +82,25 @@ LONGEST_FIRST = ("test_lade_sampling", "test_lade_soak", "test_lade_engine", "te
 SHARED = ("test_lade_sampling", "test_lade_engine", "test_ray", "test_examples")
 
 
-@pytest.hookimpl(tryfirst=True)
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:   # serial runs only
+    pass
+else:
+    class _ModuleScheduling(LoadScopeScheduling):
+        """Each module's tests on one worker (with its module-scoped engine), the SHARED
+        modules together. (xdist's own ``loadgroup`` marks do not reach the scheduler under
+        pytest 9.2, which no longer reads the node id xdist rewrites.)"""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "shared" if Path(path).stem in SHARED else path
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Order modules longest first and put each module in its own xdist group (``--dist
-    loadgroup``: a module's tests, and its module-scoped engine, stay on one worker)."""
+    """Modules longest first (stable: each module keeps its own order)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: modules keep order
-    for item in items:
-        group = "shared" if item.path.stem in SHARED else \
-            str(item.path.relative_to(config.rootpath))
-        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
