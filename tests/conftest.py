@@ -17,7 +17,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 def _bind_worker_cpus() -> None:
     """Under pytest-xdist, each worker's engines compute on their own share of the CPUs: vLLM's
     automatic binding would put every engine of every worker on the same core."""
