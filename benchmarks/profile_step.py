@@ -133,7 +133,7 @@ def _profile_one(args) -> dict:
     if args.level:
         from lade_vllm import policy
         forced = policy.LEVEL_NAMES.index(args.level)
-        policy.AdaptivePolicy.choose = lambda self, n, b: forced
+        policy.AdaptivePolicy.choose = lambda self, n, b, m=None: forced
     if args.full and spec is not None and "lade" in str(spec):
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,

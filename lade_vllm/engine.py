@@ -204,16 +204,15 @@ class LadeEngine:
         if not rows:
             return out
         self.stats["steps"] += 1
-        level = self.policy.choose(len(rows), batch.num_reqs - len(rows))
+        contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
+        suffix = self.state.suffix_match(contexts)   # found first: only matches draft at CHAIN
+        matched = None if suffix is None else int((suffix[:, 0] >= 0).sum())
+        level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
-        self.pending = prop = self._build(rows, level, batch.token_ids)
+        self.pending = prop = self._build(rows, level, contexts, suffix)
         for (row, *_), drafts in zip(rows, prop.drafts):
             out[row] = drafts
-        empty = sum(not d for d in prop.drafts)
-        if level == CHAIN and empty:
-            # no context match: these chains are known now to draft nothing and emit one token
-            self.policy.observe_chain([0] * empty, [0] * empty, self.policy.chain_len)
         return out
 
     def _lade_rows(self, batch: ProposeBatch) -> list[tuple]:
@@ -240,26 +239,26 @@ class LadeEngine:
             rows.append((i, req_id, slot, sampled[-1], num))
         return rows
 
-    def _build(self, rows: list[tuple], level: int, token_ids: np.ndarray) -> Proposal:
-        rows_i, req_ids, slots, lasts, nums = (list(x) for x in zip(*rows))
-        self._catch_up(rows_i, slots, nums, token_ids)
+    def _build(self, rows: list[tuple], level: int, contexts: list[np.ndarray],
+               suffix: torch.Tensor | None) -> Proposal:
+        _, req_ids, slots, lasts, nums = (list(x) for x in zip(*rows))
+        self._catch_up(slots, nums, contexts)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
         tree_args = self._tree_args(slots_t, level)
-        contexts = [token_ids[i, :n] for i, n in zip(rows_i, nums)]
-        tree = self.state.propose(slots_t, lasts_t, contexts=contexts, **tree_args)
+        tree = self.state.propose(slots_t, lasts_t, contexts=contexts, suffix=suffix, **tree_args)
         prop = storage_order(req_ids, slots_t, lasts_t, tree)
         prop.level = level
         prop.tree_args = tree_args
         return prop
 
-    def _catch_up(self, rows, slots, nums, token_ids: np.ndarray) -> None:
+    def _catch_up(self, slots, nums, contexts: list[np.ndarray]) -> None:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
         tree) learn the tokens committed meanwhile: history and output n-grams."""
         keep = self.cfg.ngram_size - 1
-        for i, slot, num in zip(rows, slots, nums):
+        for slot, num, context in zip(slots, nums, contexts):
             known = int(self.synced[slot])
             if known != num:
-                tail = token_ids[i, max(min(known, num) - keep, 0):num].astype(np.int64)
+                tail = context[max(min(known, num) - keep, 0):num].astype(np.int64)
                 self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
                 self.synced[slot] = num
 

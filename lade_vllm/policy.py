@@ -73,9 +73,12 @@ has a d-th draft and it is accepted: so one record of chain steps predicts every
 :class:`ChainDepths` keeps, per depth, decayed counts of chains that reached it and of those
 accepted there, and of chains long enough to have a draft there (for nodes(L)); a step truncated
 to L observes depths up to L only (a chain accepted to its cap says nothing deeper), and only the
-depths it observes decay, so a depth not run lately keeps its estimate. Once chain steps were
-observed, CHAIN is scored at the L that maximises R * tokens(L) / cost(base + R * (1 + nodes(L)))
-on the plain cost curve, changed only for a predicted gain above ``CHAIN_SWITCH``; every
+depths it observes decay, so a depth not run lately keeps its estimate. The record holds chains
+of requests with a context match only: the driver finds the matches before asking for a level and
+passes their number M; the other requests of a CHAIN step decode plainly in it, and a step with no
+match is an OFF step (so text that rarely repeats itself costs the chain nothing and does not dilute
+its record). Once chain steps were observed, CHAIN is scored at the L that maximises
+(R + M * (tokens(L) - 1)) / cost(base + R + M * nodes(L)) on the plain cost curve, changed only for a predicted gain above ``CHAIN_SWITCH``; every
 ``CHAIN_PROBE_EVERY``-th chain step runs one draft longer, the next one shorter, so the
 neighbouring depths and step costs stay measured at a bounded cost. ``chain_len`` is the length the step's chains are cut to.
 
@@ -97,8 +100,9 @@ LEVELS = (OFF, CHAIN, LOOKUP, FULL)
 LEVEL_NAMES = ("off", "chain", "lookup", "full")
 TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 
-#: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL).
-PRIOR_TOKENS = (1.0, 1.1, 1.15, 1.4)
+#: Prior tokens/step until measured (conservative; MT-bench chat on SmolLM2 measured 1.3-1.7 FULL;
+#: CHAIN's is per request with a context match, HumanEval measured 1.5-2.9).
+PRIOR_TOKENS = (1.0, 1.5, 1.15, 1.4)
 WARMUP_ROUNDS = 3     # the first steps cycle OFF, CHAIN, LOOKUP this many times
 LEVEL_WINDOW = 1024   # tokens/nodes observations kept per level
 SWITCH_FLOOR = 0.03   # the exploited level changes only for a gain above this...
@@ -223,6 +227,7 @@ class AdaptivePolicy:
         self.best_chain = self.chain.max_len  # the chain length CHAIN is scored at
         self.chain_len = self.chain.max_len   # the length this step's chains are cut to
         self.chain_steps = 0
+        self.matched = 0                      # this step's requests with a context match
 
     def cost(self, level: int, tokens: float) -> float:
         """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
@@ -240,7 +245,7 @@ class AdaptivePolicy:
         return model.se(tokens)
 
     def estimate(self, level: int, num_reqs: int, base_tokens: int) -> _Estimate:
-        if level == CHAIN and self.chain.steps:
+        if level == CHAIN:
             return self._chain_estimate(self.best_chain, num_reqs, base_tokens)
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
         cost = self.cost(level, tokens)
@@ -248,16 +253,24 @@ class AdaptivePolicy:
         return _Estimate(num_reqs * self.tokens[level].value / cost, cost, se)
 
     def _chain_estimate(self, length: int, num_reqs: int, base_tokens: int) -> _Estimate:
-        tokens = base_tokens + num_reqs * (1.0 + self.chain.nodes(length))
+        """CHAIN with chains cut to ``length``: the ``matched`` requests draft, the rest decode
+        plainly in the same step."""
+        if self.chain.steps:
+            per_tokens, per_nodes = self.chain.tokens(length), self.chain.nodes(length)
+        else:   # no chain step observed yet (or ChainDepths not fed): the level's means
+            per_tokens, per_nodes = self.tokens[CHAIN].value, self.nodes[CHAIN].value
+        m = self.matched
+        tokens = base_tokens + num_reqs + m * per_nodes
         cost = self.cost(CHAIN, tokens)
-        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se)
-        return _Estimate(num_reqs * self.chain.tokens(length) / cost, cost, se)
+        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se) if m else 0.0
+        return _Estimate((num_reqs + m * (per_tokens - 1.0)) / cost, cost, se)
 
     def _probe_len(self, up: bool, num_reqs: int, base_tokens: int) -> int:
         """The chain length next to ``best_chain`` (longer or shorter) whose step lands in
         another cost bucket than best_chain's, so that its cost gets measured too."""
         def bucket(n: int) -> int:
-            return self.cost_plain._bucket(base_tokens + num_reqs * (1 + self.chain.nodes(n)))
+            return self.cost_plain._bucket(base_tokens + num_reqs
+                                           + self.matched * self.chain.nodes(n))
         here, n, step = bucket(self.best_chain), self.best_chain, 1 if up else -1
         while 1 <= n + step <= self.chain.max_len:
             n += step
@@ -268,7 +281,7 @@ class AdaptivePolicy:
     def _pick_chain(self, num_reqs: int, base_tokens: int) -> None:
         """``best_chain``: the chain length of the highest predicted throughput, kept unless
         another beats it by more than SWITCH_FLOOR."""
-        if not self.chain.steps:
+        if not self.chain.steps or not self.matched:
             return
         scores = {n: self._chain_estimate(n, num_reqs, base_tokens).score
                   for n in range(1, self.chain.max_len + 1)}
@@ -279,9 +292,12 @@ class AdaptivePolicy:
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         return self.estimate(level, num_reqs, base_tokens).score
 
-    def choose(self, num_reqs: int, base_tokens: int) -> int:
-        """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens."""
+    def choose(self, num_reqs: int, base_tokens: int, matched: int | None = None) -> int:
+        """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens;
+        ``matched``: how many of the requests have a context suffix match (default: all), the
+        only ones that draft at CHAIN. CHAIN without a match is returned as OFF (the same step)."""
         self.steps += 1
+        self.matched = num_reqs if matched is None else max(0, min(int(matched), num_reqs))
         if not self.enabled:
             level = FULL
         elif num_reqs <= 0:
@@ -297,6 +313,8 @@ class AdaptivePolicy:
             level = self.exploit
             if self.steps % self.explore_every == 0:
                 level = self._explore(est)
+        if level == CHAIN and not self.matched:
+            level = OFF   # nothing to draft: a plain step, and CHAIN stays due for measuring
         if level == CHAIN:
             self.chain_steps += 1
             self.chain_len = self.best_chain

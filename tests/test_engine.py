@@ -54,10 +54,13 @@ class Run:
 
         self.engine.state.propose = counting
 
+    def batch(self) -> ProposeBatch:
+        return ProposeBatch(self.req_ids, self.sampled, self.num.copy(), self.tokens,
+                            set(self.req_ids), len(self.req_ids), self.info)
+
     def step(self):
         e = self.engine
-        drafts = e.propose(ProposeBatch(self.req_ids, self.sampled, self.num.copy(), self.tokens,
-                                        set(self.req_ids), len(self.req_ids), self.info))
+        drafts = e.propose(self.batch())
         sched = {r: d[:self.caps.get(r, len(d))] for r, d in zip(self.req_ids, drafts)}
         starts = np.cumsum([0] + [len(sched[r]) + 1 for r in self.req_ids])[:-1]
         ctx = e.plan(ScheduledBatch(
@@ -177,7 +180,7 @@ def test_chain_steps_are_cut_to_the_policys_length_and_observed():
     from lade_vllm import policy as pol_mod
     run = Run(PROMPTS, cfg=LadeConfig())
     pol = run.engine.policy
-    pol.choose = lambda n, b: pol_mod.CHAIN      # every step a chain, cut to 2
+    pol.choose = lambda n, b, m=None: pol_mod.CHAIN   # every step a chain, cut to 2
     pol.chain_len = 2
     seen = []
     original = pol.observe_chain
@@ -193,19 +196,22 @@ def test_chain_steps_are_cut_to_the_policys_length_and_observed():
     assert pol.chain.steps == len(seen)
 
 
-def test_chain_steps_without_a_context_match_are_observed_as_empty_chains():
-    """A CHAIN step whose request has no suffix match drafts nothing; the policy still learns
-    it (a chain of 0 drafts, 0 accepted), or CHAIN would keep its prior forever on text that
-    rarely repeats itself and never be chosen or ruled out on evidence."""
+def test_requests_without_a_context_match_decode_plain_at_chain():
+    """The engine finds the context matches before asking for a level and tells the policy how
+    many requests have one; a CHAIN step whose request has none is an OFF step: nothing drafted,
+    the chain record untouched (text that rarely repeats itself does not dilute it)."""
     from lade_vllm import policy as pol_mod
-    run = Run({"a": [1, 2, 3, 4]}, cfg=LadeConfig())   # no earlier occurrence of any suffix
+    run = Run({"a": [1, 2, 3, 4], "b": [5, 38, 9, 5]}, cfg=LadeConfig())   # + model(5) = 38
     pol = run.engine.policy
-    pol.choose = lambda n, b: pol_mod.CHAIN
-    seen = []
-    original = pol.observe_chain
-    pol.observe_chain = lambda d, a, cap: (seen.append((d, a, cap)), original(d, a, cap))
-    run.step()
-    assert seen[0] == ([0], [0], pol.chain_len)
-    assert pol.chain.steps == 1
-    assert pol.chain.tokens(pol.chain.max_len) < pol_mod.ChainDepths(pol.chain.max_len).tokens(
-        pol.chain.max_len)   # the empty chain lowered the expected tokens
+    asked, original = [], pol.choose
+    pol.choose = lambda n, b, m=None: (asked.append((n, m)), original(n, b, m))[1]
+    drafts = run.engine.propose(run.batch())
+    assert asked == [(2, 1)]                  # "b" ends in 5, 38, seen before: one match
+    pol.choose = lambda n, b, m=None: pol_mod.CHAIN
+    drafts = run.engine.propose(run.batch())
+    assert drafts[0] == [] and drafts[1]      # "a": no earlier occurrence of any suffix
+    fresh = pol_mod.AdaptivePolicy(10, 10, 8)
+    assert fresh.choose(1, 0, matched=0) == pol_mod.OFF      # CHAIN's warm-up slot, no match
+    assert fresh.choose(1, 0, matched=0) == pol_mod.OFF
+    assert fresh.chain.steps == 0 and fresh.history[pol_mod.CHAIN] == 0
+

@@ -83,14 +83,15 @@ class LookaheadState:
                 enabled: torch.Tensor | None = None, max_cand_len: int | None = None,
                 use_window: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
                 cand_len: torch.Tensor | None = None, contexts: list | None = None,
-                suffix_only: bool = False) -> StepTree:
+                suffix_only: bool = False, suffix: torch.Tensor | None = None) -> StepTree:
         """Step tree for ``slots`` [B] whose last committed tokens are ``last_tokens`` [B].
 
         ``contexts``: per sequence its committed tokens (prompt + output, numpy int arrays, the
         last one is ``last_tokens``); with ``suffix_tokens`` > 0 their suffix match is one more
         candidate, placed newest (a one-candidate step takes it when there is one);
         ``suffix_only`` leaves the pool's candidates out (a sequence without a match gets a
-        root-only tree), if the suffix match is on.
+        root-only tree), if the suffix match is on. ``suffix``: ``suffix_match(contexts)`` when
+        the caller computed it already.
 
         ``enabled`` [B] bool: sequences with False get a root-only tree (plain decoding).
         ``use_window`` [B] bool: False leaves the window out of this step (it stays frozen; only
@@ -101,7 +102,9 @@ class LookaheadState:
         if contexts is not None and self.suffix_tokens > 0:
             if suffix_only:
                 valid = torch.zeros_like(valid)
-            cands, valid = self._with_suffix(cands, valid, contexts)
+            if suffix is None:
+                suffix = self.suffix_match(contexts)
+            cands, valid = self._with_suffix(cands, valid, suffix)
         levels, filled, width = self.windows.window_inputs(slots)
         if enabled is not None:
             filled = torch.where(enabled, filled, 0)
@@ -112,10 +115,16 @@ class LookaheadState:
                                 max_cand_len=max_cand_len, window_size=width,
                                 num_cands=num_cands, cand_len=cand_len)
 
-    def _with_suffix(self, cands, valid, contexts):
-        """Append the context suffix-match candidate after the pool's (padded to one length).
-        No match in the batch: the pool's candidates alone (the tree is the same)."""
-        suf = suffix_candidates(contexts, self.suffix_tokens)                       # [B, K]
+    def suffix_match(self, contexts: list) -> torch.Tensor | None:
+        """Per context its suffix-match candidate, ``[B, suffix_tokens]`` (-1 padded; all -1: no
+        match); None when the suffix match is off."""
+        if self.suffix_tokens <= 0:
+            return None
+        return suffix_candidates(contexts, self.suffix_tokens)
+
+    def _with_suffix(self, cands, valid, suf):
+        """Append the suffix-match candidates ``suf`` [B, K] after the pool's (padded to one
+        length). No match in the batch: the pool's candidates alone (the tree is the same)."""
         longest = int((suf >= 0).sum(1).max()) if suf.numel() else 0
         if longest == 0:
             return cands, valid
