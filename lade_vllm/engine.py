@@ -210,7 +210,10 @@ class LadeEngine:
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
-        self.pending = prop = self._build(rows, level, contexts, suffix)
+        if level == CHAIN and suffix is not None:
+            self.pending = prop = self._chains(rows, suffix)
+        else:
+            self.pending = prop = self._build(rows, level, contexts, suffix)
         for (row, *_), drafts in zip(rows, prop.drafts):
             out[row] = drafts
         return out
@@ -250,6 +253,21 @@ class LadeEngine:
         prop.level = level
         prop.tree_args = tree_args
         return prop
+
+    def _chains(self, rows: list[tuple], suffix: torch.Tensor) -> Proposal:
+        """CHAIN: per request its context match cut to the policy's chain length (and the
+        request's cap), as a chain. No tree is built and the lookahead state is left alone: the
+        slots catch up on the committed tokens when trees resume, as after plain steps."""
+        _, req_ids, slots, lasts, _ = (list(x) for x in zip(*rows))
+        slots_t = torch.tensor(slots)
+        cap = self.slot_cand_len[slots_t].clamp(max=self.policy.chain_len)
+        suf = suffix.numpy()
+        lengths = np.minimum((suf >= 0).sum(1), cap.numpy())   # a match is a -1 padded prefix
+        drafts = [suf[b, :m].tolist() for b, m in enumerate(lengths.tolist())]
+        steps = [np.arange(m + 1) for m in lengths.tolist()]
+        return Proposal(req_ids, slots_t, torch.tensor(lasts), None, drafts, order=steps,
+                        parent=[a - 1 for a in steps], depth=steps,
+                        num_trie=lengths.tolist(), level=CHAIN, tree_args={"cand_len": cap})
 
     def _catch_up(self, slots, nums, contexts: list[np.ndarray]) -> None:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
@@ -337,6 +355,8 @@ class LadeEngine:
         """[M] bool over the concatenated rows of the plan's requests: the root and trie nodes,
         the rows acceptance reads (window rows only feed the pool)."""
         prop, plan = ctx.proposal, ctx.plan
+        if prop.tree is None:        # chains: every node is a candidate's
+            return torch.ones(sum(plan.num_nodes), dtype=torch.bool)
         rows = []
         for j, k in enumerate(plan.prop_idx):
             lo = int(prop.tree.seq_start[k])
@@ -372,18 +392,24 @@ class LadeEngine:
                acceptable: torch.Tensor) -> Accepted:
         """Verify every plan request from per-row ``target`` [M] (rows concatenated in plan
         order; ``row_sampled`` [M]: the row's request samples; ``acceptable``: acceptance_rows).
-        Whole trees are committed to the lookahead state, truncated ones only walked."""
+        Whole trees are committed to the lookahead state, truncated ones only walked; chains
+        are walked and observed by the policy."""
         plan = ctx.plan
         offsets = np.concatenate([[0], np.cumsum(plan.num_nodes)[:-1]]).astype(np.int64)
         emitted: dict[int, list[int]] = {}
         paths: dict[int, list[int]] = {}
-        full = [j for j, f in enumerate(plan.full) if f]
-        if full:
-            self._commit(ctx, full, offsets, target, emitted, paths)
-        for j, f in enumerate(plan.full):
-            if not f:
-                emitted[j], paths[j] = self._walk(ctx, j, int(offsets[j]), target, row_sampled,
-                                                  acceptable)
+        if ctx.proposal.tree is None:
+            for j in range(len(plan.batch_idx)):
+                emitted[j], paths[j] = self._walk_chain(ctx, j, int(offsets[j]), target)
+            self._observe_chains(ctx, emitted)
+        else:
+            full = [j for j, f in enumerate(plan.full) if f]
+            if full:
+                self._commit(ctx, full, offsets, target, emitted, paths)
+            for j, f in enumerate(plan.full):
+                if not f:
+                    emitted[j], paths[j] = self._walk(ctx, j, int(offsets[j]), target,
+                                                      row_sampled, acceptable)
         order = range(len(plan.batch_idx))
         moves = [(j, s, depth) for j in order for depth, s in enumerate(paths[j], start=1)
                  if s != depth]
@@ -430,3 +456,27 @@ class LadeEngine:
         ok = acceptable[o:o + n].numpy() if bool(row_sampled[o]) else None
         path = verify_subtree(prop.parent[k][:n], tokens, tgt, ok)
         return [int(tokens[s]) for s in path] + [int(tgt[path[-1] if path else 0])], path
+
+    def _walk_chain(self, ctx, j, o, target) -> tuple[list[int], list[int]]:
+        """A chain's drafts are accepted up to the first that differs from its parent's target
+        (what ``verify_subtree`` does on a chain, without the tree)."""
+        k, n = ctx.plan.prop_idx[j], ctx.plan.num_nodes[j]
+        drafts = ctx.proposal.drafts[k][:n - 1]
+        tgt = target[o:o + n].tolist()
+        a = 0
+        while a < n - 1 and drafts[a] == tgt[a]:
+            a += 1
+        return drafts[:a] + [tgt[a]], list(range(1, a + 1))
+
+    def _observe_chains(self, ctx, emitted: dict[int, list[int]]) -> None:
+        """The policy learns from the chains scheduled whole: drafts and accepted drafts."""
+        plan = ctx.plan
+        full = [j for j, f in enumerate(plan.full) if f]
+        if not full:
+            return
+        drafted = [plan.num_nodes[j] - 1 for j in full]
+        accepted = [len(emitted[j]) - 1 for j in full]
+        self.policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full),
+                                  sum(drafted) / len(full))
+        self.policy.observe_chain(drafted, accepted,
+                                  int(ctx.proposal.tree_args["cand_len"].max()))

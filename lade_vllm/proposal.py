@@ -18,7 +18,7 @@ class Proposal:
     req_ids: list[str]
     slots: torch.Tensor          # [B]
     last_tokens: torch.Tensor    # [B]
-    tree: StepTree
+    tree: StepTree | None        # None: CHAIN's chains, proposed without a tree
     drafts: list[list[int]]      # per request: node tokens in storage order, root excluded
     order: list[np.ndarray]      # per request: storage index -> local StepTree node index
     parent: list[np.ndarray]     # per request: storage-order parent (-1 for the root)
