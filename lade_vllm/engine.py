@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lade_vllm.attention import TreeLayout
+from lade_vllm.chains import CHAIN_CLASSES, match_class
 from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
@@ -205,8 +206,14 @@ class LadeEngine:
             return out
         self.stats["steps"] += 1
         contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
-        suffix = self.state.suffix_match(contexts)   # found first: only matches draft at CHAIN
-        matched = None if suffix is None else int((suffix[:, 0] >= 0).sum())
+        # the context matches are found first: at CHAIN only they draft, by match class
+        suffix = self.state.suffix_match(contexts)   # (candidates [B, K], match lengths [B])
+        matched = None
+        if suffix is not None:
+            matched = [0] * CHAIN_CLASSES
+            for n in suffix[1].tolist():
+                if n:
+                    matched[match_class(n)] += 1
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
@@ -260,14 +267,16 @@ class LadeEngine:
         slots catch up on the committed tokens when trees resume, as after plain steps."""
         _, req_ids, slots, lasts, _ = (list(x) for x in zip(*rows))
         slots_t = torch.tensor(slots)
-        cap = self.slot_cand_len[slots_t].clamp(max=self.policy.chain_len)
-        suf = suffix.numpy()
+        suf, match_len = suffix[0].numpy(), suffix[1].tolist()
+        classes = [match_class(n) for n in match_len]
+        cut = torch.tensor([self.policy.cut[c] for c in classes])
+        cap = torch.minimum(self.slot_cand_len[slots_t], cut)
         lengths = np.minimum((suf >= 0).sum(1), cap.numpy())   # a match is a -1 padded prefix
         drafts = [suf[b, :m].tolist() for b, m in enumerate(lengths.tolist())]
         steps = [np.arange(m + 1) for m in lengths.tolist()]
         return Proposal(req_ids, slots_t, torch.tensor(lasts), None, drafts, order=steps,
-                        parent=[a - 1 for a in steps], depth=steps,
-                        num_trie=lengths.tolist(), level=CHAIN, tree_args={"cand_len": cap})
+                        parent=[a - 1 for a in steps], depth=steps, num_trie=lengths.tolist(),
+                        level=CHAIN, tree_args={"cand_len": cap, "classes": classes})
 
     def _catch_up(self, slots, nums, contexts: list[np.ndarray]) -> None:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
@@ -474,9 +483,11 @@ class LadeEngine:
         full = [j for j, f in enumerate(plan.full) if f]
         if not full:
             return
+        args = ctx.proposal.tree_args
+        ks = [plan.prop_idx[j] for j in full]
         drafted = [plan.num_nodes[j] - 1 for j in full]
         accepted = [len(emitted[j]) - 1 for j in full]
         self.policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full),
                                   sum(drafted) / len(full))
-        self.policy.observe_chain(drafted, accepted,
-                                  int(ctx.proposal.tree_args["cand_len"].max()))
+        self.policy.observe_chain(drafted, accepted, [int(args["cand_len"][k]) for k in ks],
+                                  [args["classes"][k] for k in ks])

@@ -91,6 +91,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR,  # noqa: F401
+                               ChainDepths, group_by_class, match_class)
 from lade_vllm.step_cost import (COST_WINDOW, HORIZON, MAX_BUCKETS, MIN_KEEP,  # noqa: F401
                                  PRIOR_SIGMA, TRIM_EVERY, UNMEASURED_SE, StepCostModel,
                                  _Samples)
@@ -110,8 +112,6 @@ SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
 EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
 EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
-CHAIN_DECAY = 1 / 256  # a chain depth's counts decay by this per step observing that depth
-CHAIN_PRIOR = 0.5     # acceptance assumed at a depth never observed (weight of one chain)
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
 CHAIN_SWITCH = 0.01   # the chain length changes for a predicted gain above this
 
@@ -148,54 +148,6 @@ class _LevelMean:
             self.se = math.sqrt(var / n) / max(m, 1e-9)
 
 
-class ChainDepths:
-    """Per chain depth d = 1..K, decayed counts: chains that reached d (every earlier draft
-    accepted), of those the ones whose d-th draft exists and was accepted, chains cut at d or
-    deeper, and of those the ones with a d-th draft. See the module docstring."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max(int(max_len), 1)
-        k = self.max_len + 1                  # index 0 unused
-        self.reached, self.accepted = [0.0] * k, [0.0] * k
-        self.cut, self.drafted = [0.0] * k, [0.0] * k
-        self.steps = 0
-
-    def observe(self, drafted: list[int], accepted: list[int], cap: int) -> None:
-        """One step's chains: per request its drafts and accepted drafts; ``cap``: the length
-        the chains were cut to."""
-        top = min(int(cap), self.max_len)
-        if top <= 0 or not drafted:
-            return
-        self.steps += 1
-        keep = 1.0 - CHAIN_DECAY
-        for arr in (self.reached, self.accepted, self.cut, self.drafted):
-            for d in range(1, top + 1):
-                arr[d] *= keep
-        for m, a in zip(drafted, accepted):
-            m, a = min(int(m), top), min(int(a), top)
-            for d in range(1, top + 1):
-                self.cut[d] += 1.0
-                self.drafted[d] += d <= m
-            for d in range(1, a + 1):
-                self.reached[d] += 1.0
-                self.accepted[d] += 1.0
-            if a < top:                       # stopped by a rejection or the chain's end
-                self.reached[a + 1] += 1.0
-
-    def tokens(self, length: int) -> float:
-        """Expected tokens per request of a chain cut to ``length``."""
-        total, p = 1.0, 1.0
-        for d in range(1, min(length, self.max_len) + 1):
-            p *= (self.accepted[d] + CHAIN_PRIOR) / (self.reached[d] + 1.0)
-            total += p
-        return total
-
-    def nodes(self, length: int) -> float:
-        """Expected drafts per request of a chain cut to ``length``."""
-        return sum((self.drafted[d] + 1.0) / (self.cut[d] + 1.0)
-                   for d in range(1, min(length, self.max_len) + 1))
-
-
 @dataclass
 class _Estimate:
     score: float   # tokens/s
@@ -223,11 +175,30 @@ class AdaptivePolicy:
         self.last_used = [0] * len(LEVELS)
         self.steps = 0
         self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
-        self.chain = ChainDepths(int(chain))
-        self.best_chain = self.chain.max_len  # the chain length CHAIN is scored at
-        self.chain_len = self.chain.max_len   # the length this step's chains are cut to
+        # per match class (lade_vllm.chains): the record, the length CHAIN is scored at, and
+        # the length this step's chains are cut to
+        self.chains = [ChainDepths(int(chain)) for _ in range(CHAIN_CLASSES)]
+        self.best = [self.chains[0].max_len] * CHAIN_CLASSES
+        self.cut = list(self.best)
         self.chain_steps = 0
-        self.matched = 0                      # this step's requests with a context match
+        self.matched = [0] * CHAIN_CLASSES    # this step's requests with a context match
+
+    # the top class (matches of 3+ tokens), the only one when the driver gives no classes
+    @property
+    def chain(self) -> ChainDepths:
+        return self.chains[-1]
+
+    @property
+    def best_chain(self) -> int:
+        return self.best[-1]
+
+    @property
+    def chain_len(self) -> int:
+        return self.cut[-1]
+
+    @chain_len.setter
+    def chain_len(self, length: int) -> None:   # every class's chains cut to ``length``
+        self.cut = [int(length)] * CHAIN_CLASSES
 
     def cost(self, level: int, tokens: float) -> float:
         """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
@@ -246,58 +217,76 @@ class AdaptivePolicy:
 
     def estimate(self, level: int, num_reqs: int, base_tokens: int) -> _Estimate:
         if level == CHAIN:
-            return self._chain_estimate(self.best_chain, num_reqs, base_tokens)
+            return self._chain_estimate(self.best, num_reqs, base_tokens)
         tokens = base_tokens + num_reqs * (1.0 + self.nodes[level].value)
         cost = self.cost(level, tokens)
         se = math.hypot(self._cost_se(level, tokens), self.tokens[level].se)
         return _Estimate(num_reqs * self.tokens[level].value / cost, cost, se)
 
-    def _chain_estimate(self, length: int, num_reqs: int, base_tokens: int) -> _Estimate:
-        """CHAIN with chains cut to ``length``: the ``matched`` requests draft, the rest decode
-        plainly in the same step."""
-        if self.chain.steps:
-            per_tokens, per_nodes = self.chain.tokens(length), self.chain.nodes(length)
-        else:   # no chain step observed yet (or ChainDepths not fed): the level's means
-            per_tokens, per_nodes = self.tokens[CHAIN].value, self.nodes[CHAIN].value
-        m = self.matched
-        tokens = base_tokens + num_reqs + m * per_nodes
-        cost = self.cost(CHAIN, tokens)
-        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se) if m else 0.0
-        return _Estimate((num_reqs + m * (per_tokens - 1.0)) / cost, cost, se)
+    def _per_chain(self, c: int, length: int) -> tuple[float, float]:
+        """Expected tokens and drafts of one class-``c`` chain cut to ``length``."""
+        depths = self.chains[c]
+        if depths.steps:
+            return depths.tokens(length), depths.nodes(length)
+        # no chain of the class observed yet (or ChainDepths not fed): the level's means
+        return self.tokens[CHAIN].value, min(self.nodes[CHAIN].value, float(length))
 
-    def _probe_len(self, up: bool, num_reqs: int, base_tokens: int) -> int:
-        """The chain length next to ``best_chain`` (longer or shorter) whose step lands in
-        another cost bucket than best_chain's, so that its cost gets measured too."""
+    def _chain_estimate(self, lengths: list[int], num_reqs: int, base_tokens: int) -> _Estimate:
+        """CHAIN with class-c chains cut to ``lengths[c]``: the ``matched`` requests draft, the
+        rest decode plainly in the same step."""
+        extra, drafts = 0.0, 0.0
+        for c, m in enumerate(self.matched):
+            if m:
+                t, n = self._per_chain(c, lengths[c])
+                extra += m * (t - 1.0)
+                drafts += m * n
+        tokens = base_tokens + num_reqs + drafts
+        cost = self.cost(CHAIN, tokens)
+        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se) if drafts else 0.0
+        return _Estimate((num_reqs + extra) / cost, cost, se)
+
+    def _probe_len(self, c: int, up: bool, num_reqs: int, base_tokens: int) -> int:
+        """Class c's chain length next to its best (longer or shorter) whose step lands in
+        another cost bucket than the best's, so that its cost gets measured too."""
         def bucket(n: int) -> int:
-            return self.cost_plain._bucket(base_tokens + num_reqs
-                                           + self.matched * self.chain.nodes(n))
-        here, n, step = bucket(self.best_chain), self.best_chain, 1 if up else -1
-        while 1 <= n + step <= self.chain.max_len:
+            lengths = self.best[:c] + [n] + self.best[c + 1:]
+            drafts = sum(m * self._per_chain(k, lengths[k])[1]
+                         for k, m in enumerate(self.matched) if m)
+            return self.cost_plain._bucket(base_tokens + num_reqs + drafts)
+        here, n, step = bucket(self.best[c]), self.best[c], 1 if up else -1
+        while 1 <= n + step <= self.chains[c].max_len:
             n += step
             if bucket(n) != here:
                 break
         return n
 
     def _pick_chain(self, num_reqs: int, base_tokens: int) -> None:
-        """``best_chain``: the chain length of the highest predicted throughput, kept unless
-        another beats it by more than SWITCH_FLOOR."""
-        if not self.chain.steps or not self.matched:
-            return
-        scores = {n: self._chain_estimate(n, num_reqs, base_tokens).score
-                  for n in range(1, self.chain.max_len + 1)}
-        best = max(scores, key=lambda n: (scores[n], -n))
-        if scores[best] > scores[self.best_chain] * (1.0 + CHAIN_SWITCH):
-            self.best_chain = best
+        """Per class with matches this step: the chain length of the highest predicted
+        throughput (the other classes at theirs), kept unless another beats it by more than
+        CHAIN_SWITCH."""
+        for c, m in enumerate(self.matched):
+            if not m or not self.chains[c].steps:
+                continue
+            scores = {n: self._chain_estimate(self.best[:c] + [n] + self.best[c + 1:],
+                                              num_reqs, base_tokens).score
+                      for n in range(1, self.chains[c].max_len + 1)}
+            best = max(scores, key=lambda n: (scores[n], -n))
+            if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
+                self.best[c] = best
 
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         return self.estimate(level, num_reqs, base_tokens).score
 
-    def choose(self, num_reqs: int, base_tokens: int, matched: int | None = None) -> int:
+    def choose(self, num_reqs: int, base_tokens: int, matched=None) -> int:
         """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens;
-        ``matched``: how many of the requests have a context suffix match (default: all), the
-        only ones that draft at CHAIN. CHAIN without a match is returned as OFF (the same step)."""
+        ``matched``: per match class (lade_vllm.chains) how many of the requests have a context
+        match, the only ones that draft at CHAIN (an int: that many, all in the top class; None:
+        every request). CHAIN without a match is returned as OFF (the same step)."""
         self.steps += 1
-        self.matched = num_reqs if matched is None else max(0, min(int(matched), num_reqs))
+        if matched is None or isinstance(matched, int):
+            top = num_reqs if matched is None else max(0, min(int(matched), num_reqs))
+            matched = [0] * (CHAIN_CLASSES - 1) + [top]
+        self.matched = [int(m) for m in matched]
         if not self.enabled:
             level = FULL
         elif num_reqs <= 0:
@@ -313,14 +302,15 @@ class AdaptivePolicy:
             level = self.exploit
             if self.steps % self.explore_every == 0:
                 level = self._explore(est)
-        if level == CHAIN and not self.matched:
+        if level == CHAIN and not any(self.matched):
             level = OFF   # nothing to draft: a plain step, and CHAIN stays due for measuring
         if level == CHAIN:
             self.chain_steps += 1
-            self.chain_len = self.best_chain
+            self.cut = list(self.best)
             if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
                 up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
-                self.chain_len = self._probe_len(up, num_reqs, base_tokens)
+                self.cut = [self._probe_len(c, up, num_reqs, base_tokens) if m else self.best[c]
+                            for c, m in enumerate(self.matched)]
         self.last_used[level] = self.steps
         self.history[level] += 1
         if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
@@ -383,10 +373,15 @@ class AdaptivePolicy:
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical
 
-    def observe_chain(self, drafted: list[int], accepted: list[int], cap: int) -> None:
-        """A CHAIN step's chains, cut to ``cap`` drafts (the step's ``chain_len``): per request
-        its drafts and accepted drafts."""
-        self.chain.observe(drafted, accepted, cap)
+    def observe_chain(self, drafted: list[int], accepted: list[int], cap,
+                      classes: list[int] | None = None) -> None:
+        """A CHAIN step's chains: per request its drafts, accepted drafts, the length it was cut
+        to (``cap``: per request, or one int for all) and its match class (None: the top one)."""
+        caps = list(cap) if isinstance(cap, (list, tuple)) else [int(cap)] * len(drafted)
+        rows = group_by_class(list(zip(drafted, accepted, caps)), classes)
+        for c, chains in rows.items():
+            d, a, k = zip(*chains)
+            self.chains[c].observe(list(d), list(a), max(k))
 
     def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""

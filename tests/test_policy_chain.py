@@ -159,3 +159,51 @@ def test_sparse_matches_are_drafted_and_do_not_dilute_the_chain():
                for n in range(1, MAX_LEN + 1))
     assert tokens / seconds >= 0.97 * best, (tokens / seconds, best)
     assert drafted_steps >= 0.9 * matched_steps, (drafted_steps, matched_steps)
+
+
+def test_each_match_class_gets_its_own_chain_length():
+    """Two kinds of context match in one run: one-token matches whose drafts are rarely right
+    and long matches whose drafts nearly always are. With chains recorded per match class the
+    policy drafts the long matches long and the weak ones short (or not at all), realising
+    >= 0.97x the best fixed per-class lengths (a class's length 0 = decode it plainly)."""
+    weak, strong = (0.35, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1), (0.9, 0.9, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8)
+    a, b = 0.060, 0.004
+
+    def draw(rng):   # 30% no match, 40% a weak one (class 0), 30% a strong one (class 2)
+        x = rng.random()
+        return (None, None) if x < 0.3 else (0, weak) if x < 0.7 else (2, strong)
+
+    rng = random.Random(9)
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, MAX_LEN, explore_every=16)
+    tokens = seconds = 0.0
+    steps = 4000
+    for step in range(steps):
+        cls, h = draw(rng)
+        matched = [0, 0, 0]
+        if cls is not None:
+            matched[cls] = 1
+        level = pol.choose(1, 0, matched=matched)
+        if level == CHAIN:
+            cap = pol.cut[cls]
+            n = 0
+            while n < cap and rng.random() < h[n]:
+                n += 1
+            fed, expected = 1 + cap, chain_tokens(h, cap)
+            pol.observe_chain([cap], [n], [cap], [cls])
+            pol.observe_level(CHAIN, 1 + n, cap)
+        elif level == OFF:
+            fed, expected = 1, 1.0
+        else:
+            fed = 1 + (FULL_NODES if level == 3 else LOOKUP_NODES)
+            expected = TREE_TOKENS[level]
+            pol.observe_level(level, expected, fed - 1)
+        true = a + b * fed * (2.0 if level in TREE_LEVELS else 1.0)
+        pol.observe_step(fed, true * rng.lognormvariate(0.0, 0.3), tree=level in TREE_LEVELS)
+        if step >= steps // 2:
+            tokens += expected
+            seconds += true
+    best = max((0.3 + 0.4 * chain_tokens(weak, l0) + 0.3 * chain_tokens(strong, l2))
+               / (a + b * (1 + 0.4 * l0 + 0.3 * l2))
+               for l0 in range(MAX_LEN + 1) for l2 in range(MAX_LEN + 1))
+    assert tokens / seconds >= 0.97 * best, (tokens / seconds, best, pol.best)
+    assert pol.best[2] >= 5 and pol.best[0] <= 2, pol.best

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 
 from .pool import NgramPool, ngrams_from_tokens
-from .suffix import suffix_candidates
+from .suffix import suffix_match
 from .tree import StepTree, build_step_trees
 from .verify import VerifyResult, verify_tree
 from .window import JacobiWindows
 
 _EMPTY = -1
+#: a tree takes context matches of at least this many tokens (chains take any match)
+TREE_MIN_MATCH = 2
 
 
 class LookaheadState:
@@ -115,16 +117,20 @@ class LookaheadState:
                                 max_cand_len=max_cand_len, window_size=width,
                                 num_cands=num_cands, cand_len=cand_len)
 
-    def suffix_match(self, contexts: list) -> torch.Tensor | None:
+    def suffix_match(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per context its suffix-match candidate, ``[B, suffix_tokens]`` (-1 padded; all -1: no
-        match); None when the suffix match is off."""
+        match), matched on a suffix of 1 to 8 tokens, and ``[B]`` that length (0: no match); None
+        when the suffix match is off."""
         if self.suffix_tokens <= 0:
             return None
-        return suffix_candidates(contexts, self.suffix_tokens)
+        return suffix_match(contexts, self.suffix_tokens, min_n=1)
 
-    def _with_suffix(self, cands, valid, suf):
-        """Append the suffix-match candidates ``suf`` [B, K] after the pool's (padded to one
-        length). No match in the batch: the pool's candidates alone (the tree is the same)."""
+    def _with_suffix(self, cands, valid, suffix):
+        """Append the suffix-match candidates after the pool's (padded to one length); a tree
+        takes matches of at least ``TREE_MIN_MATCH`` tokens (a one-token match is the pool's
+        lookup already). No match in the batch: the pool's candidates alone."""
+        suf, lengths = suffix
+        suf = torch.where((lengths >= TREE_MIN_MATCH)[:, None], suf, _EMPTY)
         longest = int((suf >= 0).sum(1).max()) if suf.numel() else 0
         if longest == 0:
             return cands, valid

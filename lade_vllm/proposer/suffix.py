@@ -1,10 +1,11 @@
 """Context suffix match: a candidate continuation copied from the request's own context.
 
 For each sequence, find the longest suffix of its committed tokens (prompt + output), between
-``MIN_MATCH`` and ``MAX_MATCH`` tokens, that also occurs earlier in the context; the candidate is
-what followed its most recent earlier occurrence, up to ``k`` tokens. This is vLLM's prompt lookup
-(``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent of the
-n-gram size N. Compiled with numba (a vLLM dependency) on first use: importing numba when this
+``min_n`` and ``MAX_MATCH`` tokens, that also occurs earlier in the context; the candidate is
+what followed its most recent earlier occurrence, up to ``k`` tokens, and the match length says
+how far to trust it (the policy keeps chain statistics per match length). This is vLLM's prompt
+lookup (``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent
+of the n-gram size N. Compiled with numba (a vLLM dependency) on first use: importing numba when this
 module loads would put llvmlite in ``sys.modules`` before an in-process vLLM worker scans every
 module for Triton kernels to rebind (``vllm.triton_utils.dispatcher``), which llvmlite's wrappers
 break.
@@ -14,11 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MIN_MATCH = 2
+MIN_MATCH = 2       # suffix_candidates' default shortest match
 MAX_MATCH = 8
 
+
 def _match_one(tokens, min_n, max_n, k, out):
-    """Fill ``out[:m]`` with the continuation of the longest earlier match; returns m."""
+    """Fill ``out[:m]`` with the continuation of the longest earlier match; returns the match's
+    length n (0: none)."""
     L = tokens.shape[0]
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         # most recent earlier occurrence of tokens[L-n:], ending before the suffix itself
@@ -32,14 +35,14 @@ def _match_one(tokens, min_n, max_n, k, out):
                 m = min(k, L - (start + n))
                 for j in range(m):
                     out[j] = tokens[start + n + j]
-                return m
+                return n
     return 0
 
 
 def _batch_of(match_one):
-    def match_batch(flat, offsets, min_n, max_n, k, out):
+    def match_batch(flat, offsets, min_n, max_n, k, out, lengths):
         for b in range(offsets.shape[0] - 1):
-            match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
+            lengths[b] = match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
     return match_batch
 
 
@@ -59,17 +62,25 @@ def _match_batch(*args) -> None:
     _compiled(*args)
 
 
-def suffix_candidates(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
-                      max_n: int = MAX_MATCH) -> torch.Tensor:
-    """One candidate per context: ``[B, k]`` int64, -1 after its end (all -1: no match)."""
+def suffix_match(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
+                 max_n: int = MAX_MATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate per context: ``[B, k]`` int64, -1 after its end (all -1: no match), and
+    ``[B]`` the length of the suffix it was matched on (0: no match)."""
     B = len(contexts)
     out = np.full((B, max(k, 0)), -1, dtype=np.int64)
+    lengths = np.zeros(B, dtype=np.int64)
     if B == 0 or k <= 0:
-        return torch.from_numpy(out)
+        return torch.from_numpy(out), torch.from_numpy(lengths)
     lens = np.fromiter((len(c) for c in contexts), dtype=np.int64, count=B)
     offsets = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     flat = np.concatenate(contexts).astype(np.int64, copy=False) if offsets[-1] else \
         np.zeros(0, dtype=np.int64)
-    _match_batch(flat, offsets, min_n, max_n, k, out)
-    return torch.from_numpy(out)
+    _match_batch(flat, offsets, min_n, max_n, k, out, lengths)
+    return torch.from_numpy(out), torch.from_numpy(lengths)
+
+
+def suffix_candidates(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
+                      max_n: int = MAX_MATCH) -> torch.Tensor:
+    """``suffix_match``'s candidates alone."""
+    return suffix_match(contexts, k, min_n, max_n)[0]
