@@ -73,14 +73,18 @@ has a d-th draft and it is accepted: so one record of chain steps predicts every
 :class:`ChainDepths` keeps, per depth, decayed counts of chains that reached it and of those
 accepted there, and of chains long enough to have a draft there (for nodes(L)); a step truncated
 to L observes depths up to L only (a chain accepted to its cap says nothing deeper), and only the
-depths it observes decay, so a depth not run lately keeps its estimate. The record holds chains
-of requests with a context match only: the driver finds the matches before asking for a level and
-passes their number M; the other requests of a CHAIN step decode plainly in it, and a step with no
-match is an OFF step (so text that rarely repeats itself costs the chain nothing and does not dilute
-its record). Once chain steps were observed, CHAIN is scored at the L that maximises
-(R + M * (tokens(L) - 1)) / cost(base + R + M * nodes(L)) on the plain cost curve, changed only for a predicted gain above ``CHAIN_SWITCH``; every
-``CHAIN_PROBE_EVERY``-th chain step runs one draft longer, the next one shorter, so the
-neighbouring depths and step costs stay measured at a bounded cost. ``chain_len`` is the length the step's chains are cut to.
+depths it observes decay, so a depth not run lately keeps its estimate. There is one record per
+match class (lade_vllm.chains: the context match was 1, 2, or 3+ tokens long), each with its own
+length L_c, and a record holds chains of requests with a context match only: the driver finds the
+matches before asking for a level and passes their number M_c per class; the other requests of a
+CHAIN step decode plainly in it, and a step with no match is an OFF step (so text that rarely
+repeats itself costs the chain nothing and does not dilute its record). CHAIN is scored as
+(R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the plain
+cost curve; each class present in the step takes the L_c that maximises that score (the others at
+theirs), changed only for a predicted gain above ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
+chain step runs each present class one cost bucket longer, the next one shorter, so the
+neighbouring depths and step costs stay measured at a bounded cost. ``cut`` holds the lengths
+this step's chains are cut to (``best``, or a probe's).
 
 Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
 dropped), at most ``COST_WINDOW`` samples per bucket and ``LEVEL_WINDOW`` per level, and in all
