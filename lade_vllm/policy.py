@@ -50,7 +50,9 @@ tokens; a level's error combines its cost's and its tokens'.
 Choosing. The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three samples
 each); then the best-scoring level becomes the exploited level. It changes only to a level whose
 score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined standard error of
-both scores): a difference within the measured noise does not flip it.
+both scores): a difference within the measured noise does not flip it. Back to OFF, which
+cannot lose to plain decoding, it changes for any gain above ``SWITCH_FLOOR``: the standard
+errors are largest early in a run, and a lucky first estimate must not lock a losing level in.
 
 Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
 estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
@@ -323,12 +325,19 @@ class AdaptivePolicy:
         return level
 
     def _exploit(self, est: list[_Estimate]) -> int:
-        """The exploited level: the current one unless another beats it beyond the noise."""
+        """The exploited level: the current one unless another beats it beyond the noise. OFF,
+        the level that cannot lose to plain decoding, is returned to for any gain above
+        SWITCH_FLOOR: an early lucky estimate of a speculative level must not lock it in."""
         cur = self.exploit
         if cur is None:
-            return max(LEVELS, key=lambda lv: (est[lv].score, lv))
-        better = [lv for lv in LEVELS if lv != cur and est[lv].score > est[cur].score
-                  * (1.0 + max(SWITCH_FLOOR, SWITCH_K * math.hypot(est[lv].se, est[cur].se)))]
+            return max(LEVELS, key=lambda lv: (est[lv].score, -lv))
+
+        def margin(lv: int) -> float:
+            if lv == OFF:
+                return SWITCH_FLOOR
+            return max(SWITCH_FLOOR, SWITCH_K * math.hypot(est[lv].se, est[cur].se))
+        better = [lv for lv in LEVELS
+                  if lv != cur and est[lv].score > est[cur].score * (1.0 + margin(lv))]
         return max(better, key=lambda lv: est[lv].score) if better else cur
 
     def _explore(self, est: list[_Estimate]) -> int:

@@ -116,3 +116,20 @@ def test_chain_steps_and_tree_steps_have_separate_costs():
         pol.observe_step(5, 0.030, tree=True)
     assert pol.cost(CHAIN, 5) == pytest.approx(0.020)
     assert pol.cost(LOOKUP, 5) == pytest.approx(0.030)
+
+
+def test_plain_decoding_is_returned_to_without_a_noise_margin():
+    """Leaving OFF for a speculative level needs a gain beyond the noise; going back to OFF
+    needs only SWITCH_FLOOR, so an early lucky estimate cannot lock a losing level in."""
+    from lade_vllm.policy import SWITCH_FLOOR, _Estimate
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+    noisy = 0.3                                   # standard errors early in a run
+
+    def est(off, chain):
+        return [_Estimate(off, 1.0, 0.0), _Estimate(chain, 1.0, noisy),
+                _Estimate(1.0, 1.0, noisy), _Estimate(1.0, 1.0, noisy)]
+    pol.exploit = CHAIN
+    assert pol._exploit(est(1.0 * (1 + 2 * SWITCH_FLOOR), 1.0)) == OFF
+    pol.exploit = OFF
+    assert pol._exploit(est(1.0, 1.0 * (1 + 2 * SWITCH_FLOOR))) == OFF   # within the noise
+    assert pol._exploit(est(1.0, 1.5)) == CHAIN

@@ -12,6 +12,7 @@ vLLM's own log is kept to errors unless ``--verbose``; each method shows one pro
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 #: set (unless already set) before vLLM is imported: CPU platform, no hub access, 2 GiB KV cache
@@ -29,6 +30,18 @@ METHODS = {
 }
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "benchmarks", "results")
+
+
+def progress_bar(method: str):
+    """vLLM's ``use_tqdm`` callable: one bar per method, answers done of the prompts (vLLM's
+    prompt-rendering bar is left out)."""
+    from tqdm import tqdm
+
+    def make(iterable=None, desc=None, **kwargs):
+        if desc != "Processed prompts":
+            return tqdm(iterable, disable=True)
+        return tqdm(iterable, desc=f"{method:>8}", unit="answer", **kwargs)
+    return make
 
 
 def default_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -81,6 +94,8 @@ def main(argv=None) -> None:
         args.dtype = default_dtype()
     for key, value in {**ENV_DEFAULTS, **({} if args.verbose else QUIET)}.items():
         os.environ.setdefault(key, value)
+    if not args.verbose:   # vLLM warns on import, before its logging config applies
+        logging.getLogger("vllm").setLevel(logging.ERROR)
 
     from vllm import LLM, SamplingParams
 
@@ -93,10 +108,11 @@ def main(argv=None) -> None:
     for name in args.methods.split(","):
         print(f"{name}: starting the engine ({args.dtype}, one request at a time) ...", flush=True)
         llm = LLM(model=model, dtype=args.dtype, max_num_seqs=1, max_model_len=2048, seed=0,
-                  speculative_config=METHODS[name], disable_log_stats=False, enforce_eager=True)
+                  speculative_config=METHODS[name], disable_log_stats=False, enforce_eager=True,
+                  use_tqdm_on_load=args.verbose)
         ps = prompts.load("mtbench", args.prompts, llm.get_tokenizer())
         measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
-        results.append(measure.generate(llm, name, ps, sp, progress=True))
+        results.append(measure.generate(llm, name, ps, sp, progress=progress_bar(name)))
         measure.shutdown(llm)
         del llm
 
