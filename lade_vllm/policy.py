@@ -48,7 +48,9 @@ between buckets, ``UNMEASURED_SE`` outside them), standard deviation / sqrt(n) /
 tokens; a level's error combines its cost's and its tokens'.
 
 Choosing. The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three samples
-each); then the best-scoring level becomes the exploited level. It changes only to a level whose
+each; OFF instead of a LOOKUP step predicted dearer than ``EXPLORE_COST`` x an OFF step, e.g. at
+batch 32 on a CPU, from a cost curve that the prefill steps have already spanned); then the
+best-scoring level becomes the exploited level. It changes only to a level whose
 score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined standard error of
 both scores): a difference within the measured noise does not flip it. Back to OFF, which
 cannot lose to plain decoding, it changes for any gain above ``SWITCH_FLOOR``: the standard
@@ -301,6 +303,10 @@ class AdaptivePolicy:
             # measure the cheap levels first, a few times each: a step whose token count is new
             # to the engine can be slow once (kernel set-up), which the robust mean drops
             level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
+            if level == LOOKUP and self.cost(LOOKUP, base_tokens + num_reqs * (
+                    1.0 + self.nodes[LOOKUP].value)) > EXPLORE_COST * self.cost(
+                    OFF, base_tokens + num_reqs):
+                level = OFF   # a tree step this dear (a loaded CPU) is left to exploration
         else:
             self._pick_chain(num_reqs, base_tokens)
             est = [self.estimate(lv, num_reqs, base_tokens) for lv in LEVELS]

@@ -133,3 +133,19 @@ def test_plain_decoding_is_returned_to_without_a_noise_margin():
     pol.exploit = OFF
     assert pol._exploit(est(1.0, 1.0 * (1 + 2 * SWITCH_FLOOR))) == OFF   # within the noise
     assert pol._exploit(est(1.0, 1.5)) == CHAIN
+
+
+def test_warm_up_leaves_a_dear_tree_step_to_exploration():
+    """At batch 32 on a CPU the prefill steps have already shown that 300+ tokens cost many
+    plain steps: the warm-up runs OFF instead of LOOKUP there; where extra tokens are nearly free
+    (a GPU at batch 1) it measures LOOKUP."""
+    def warm_up(num_reqs, prefill, cost):
+        pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+        pol.observe_step(prefill, cost(prefill))
+        for _ in range(9):
+            level = pol.choose(num_reqs, 0, matched=0)
+            fed = num_reqs * (1 + (LOOKUP_NODES if level == LOOKUP else 0))
+            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS)
+        return pol.history
+    assert warm_up(32, 2600, lambda t: 0.02 + 0.0015 * t)[LOOKUP] == 0
+    assert warm_up(1, 100, lambda t: 0.010 + 0.00001 * t)[LOOKUP] == 3
