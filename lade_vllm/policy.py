@@ -85,7 +85,8 @@ CHAIN step decode plainly in it, and a step with no match is an OFF step (so tex
 repeats itself costs the chain nothing and does not dilute its record). CHAIN is scored as
 (R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the plain
 cost curve; each class present in the step takes the L_c that maximises that score (the others at
-theirs), changed only for a predicted gain above ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
+theirs; L_c = 0: the class's requests decode plainly, e.g. weak one-token matches at batch 32 on a
+CPU), changed only for a predicted gain above ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
 chain step runs each present class one cost bucket longer, the next one shorter, so the
 neighbouring depths and step costs stay measured at a bounded cost. ``cut`` holds the lengths
 this step's chains are cut to (``best``, or a probe's).
@@ -277,7 +278,7 @@ class AdaptivePolicy:
                 continue
             scores = {n: self._chain_estimate(self.best[:c] + [n] + self.best[c + 1:],
                                               num_reqs, base_tokens).score
-                      for n in range(1, self.chains[c].max_len + 1)}
+                      for n in range(0, self.chains[c].max_len + 1)}   # 0: the class decodes plain
             best = max(scores, key=lambda n: (scores[n], -n))
             if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
                 self.best[c] = best
@@ -323,6 +324,8 @@ class AdaptivePolicy:
                 up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
                 self.cut = [self._probe_len(c, up, num_reqs, base_tokens) if m else self.best[c]
                             for c, m in enumerate(self.matched)]
+            if not any(m and self.cut[c] for c, m in enumerate(self.matched)):
+                level = OFF   # every matched class is cut to 0 drafts: a plain step
         self.last_used[level] = self.steps
         self.history[level] += 1
         if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
