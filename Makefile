@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup model demo test test-full soak memory bench profile bench-proposer bench-serve arctic clean
+.PHONY: setup model demo test test-full soak memory bench profile bench-proposer replay bench-serve arctic clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -89,6 +89,10 @@ memory: setup
 
 bench-proposer: setup
 	$(PY) benchmarks/bench_proposer.py
+
+# recorded greedy outputs replayed through the engine and policy (no model; records them once)
+replay: setup
+	$(PY) benchmarks/replay.py $(REPLAY_ARGS)
 
 # `vllm bench serve` client vs plain `vllm serve` and `--speculative-config lade` at request rates
 # 1, 4, inf (TTFT, TPOT, ITL, throughput). ~10 min; SERVE_BENCH_ARGS e.g. "--quick" or
