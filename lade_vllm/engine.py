@@ -6,7 +6,8 @@ moves, emitted tokens) back into vLLM. One step:
 
 1. ``propose(ProposeBatch)``: per eligible request a token tree from the pool and the Jacobi window
    (lade_vllm.proposer.LookaheadState); its nodes except the root are the request's draft tokens,
-   in storage order [trie | window] (lade_vllm.proposal). The trees wait in ``pending``.
+   in storage order [trie | window] (lade_vllm.proposal). The trees wait in ``pending``. At the
+   CHAIN level each request's context match is laid out as a chain, no tree (lade_vllm.chain_step).
 2. ``plan(ScheduledBatch)``: which pending trees the scheduler kept (whole or truncated), their
    positions p + depth and ancestor masks: a fresh :class:`StepContext` in ``step``.
 3. after the forward, verification in three stages: ``acceptance_rows`` / ``min_p`` tell the adapter
@@ -26,12 +27,11 @@ import numpy as np
 import torch
 
 from lade_vllm.attention import TreeLayout
-from lade_vllm.chains import CHAIN_CLASSES, match_class
+from lade_vllm.chain_step import count_matches, observe_chains, propose_chains, walk_chain
 from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
-from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
+from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
 from lade_vllm.proposer import LookaheadState
-from lade_vllm.proposer.tree import StepTree
 from lade_vllm.proposer.verify import verify_subtree
 
 
@@ -88,30 +88,6 @@ class Accepted:
     emitted: list[list[int]]               # tokens to emit
     paths: list[list[int]]                 # accepted storage indices in path order (root excl.)
     moves: list[tuple[int, int, int]]      # (j, from storage index, to depth): KV to relocate
-
-
-def select_trees(tree: StepTree, sel: torch.Tensor) -> StepTree:
-    """The trees of sequences ``sel`` [k] (increasing) of ``tree``, renumbered as a batch of k."""
-    num = tree.num_nodes[sel]
-    lo = tree.seq_start[sel]
-    start = torch.zeros(num.numel() + 1, dtype=tree.seq_start.dtype, device=num.device)
-    start[1:] = torch.cumsum(num, 0)
-    seq = torch.arange(num.numel(), device=num.device).repeat_interleave(num)
-    shift = start[:-1] - lo                                      # new index = old + shift
-    old = torch.arange(int(start[-1]), device=num.device) - shift[seq]
-
-    def renumber(index: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        return torch.where(index >= 0, index + by, -1)
-
-    return StepTree(
-        tokens=tree.tokens[old], depth=tree.depth[old],
-        parent=renumber(tree.parent[old], shift[seq]), node_seq=seq, is_trie=tree.is_trie[old],
-        seq_start=start, num_nodes=num, root_index=start[:-1],
-        window_levels=tree.window_levels[sel],
-        window_width=tree.window_width[sel],
-        top_level_index=renumber(tree.top_level_index[sel], shift[:, None]),
-        cand_node_index=renumber(tree.cand_node_index[sel], shift[:, None, None]),
-        cand_len=tree.cand_len, max_depth=tree.max_depth)
 
 
 class LadeEngine:
@@ -208,17 +184,15 @@ class LadeEngine:
         contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
         # the context matches are found first: at CHAIN only they draft, by match class
         suffix = self.state.suffix_match(contexts)   # (candidates [B, K], match lengths [B])
-        matched = None
-        if suffix is not None:
-            matched = [0] * CHAIN_CLASSES
-            for n in suffix[1].tolist():
-                if n:
-                    matched[match_class(n)] += 1
+        matched = None if suffix is None else count_matches(suffix[1].tolist())
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
         if level == CHAIN and suffix is not None:
-            self.pending = prop = self._chains(rows, suffix)
+            _, req_ids, slots, lasts, _ = (list(x) for x in zip(*rows))
+            slots_t = torch.tensor(slots)
+            self.pending = prop = propose_chains(req_ids, slots_t, torch.tensor(lasts), suffix,
+                                                 self.policy.cut, self.slot_cand_len[slots_t])
         else:
             self.pending = prop = self._build(rows, level, contexts, suffix)
         for (row, *_), drafts in zip(rows, prop.drafts):
@@ -250,7 +224,7 @@ class LadeEngine:
         return rows
 
     def _build(self, rows: list[tuple], level: int, contexts: list[np.ndarray],
-               suffix: torch.Tensor | None) -> Proposal:
+               suffix: tuple | None) -> Proposal:
         _, req_ids, slots, lasts, nums = (list(x) for x in zip(*rows))
         self._catch_up(slots, nums, contexts)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
@@ -260,23 +234,6 @@ class LadeEngine:
         prop.level = level
         prop.tree_args = tree_args
         return prop
-
-    def _chains(self, rows: list[tuple], suffix: torch.Tensor) -> Proposal:
-        """CHAIN: per request its context match cut to the policy's chain length (and the
-        request's cap), as a chain. No tree is built and the lookahead state is left alone: the
-        slots catch up on the committed tokens when trees resume, as after plain steps."""
-        _, req_ids, slots, lasts, _ = (list(x) for x in zip(*rows))
-        slots_t = torch.tensor(slots)
-        suf, match_len = suffix[0].numpy(), suffix[1].tolist()
-        classes = [match_class(n) for n in match_len]
-        cut = torch.tensor([self.policy.cut[c] for c in classes])
-        cap = torch.minimum(self.slot_cand_len[slots_t], cut)
-        lengths = np.minimum((suf >= 0).sum(1), cap.numpy())   # a match is a -1 padded prefix
-        drafts = [suf[b, :m].tolist() for b, m in enumerate(lengths.tolist())]
-        steps = [np.arange(m + 1) for m in lengths.tolist()]
-        return Proposal(req_ids, slots_t, torch.tensor(lasts), None, drafts, order=steps,
-                        parent=[a - 1 for a in steps], depth=steps, num_trie=lengths.tolist(),
-                        level=CHAIN, tree_args={"cand_len": cap, "classes": classes})
 
     def _catch_up(self, slots, nums, contexts: list[np.ndarray]) -> None:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
@@ -408,9 +365,11 @@ class LadeEngine:
         emitted: dict[int, list[int]] = {}
         paths: dict[int, list[int]] = {}
         if ctx.proposal.tree is None:
-            for j in range(len(plan.batch_idx)):
-                emitted[j], paths[j] = self._walk_chain(ctx, j, int(offsets[j]), target)
-            self._observe_chains(ctx, emitted)
+            for j, (k, n) in enumerate(zip(plan.prop_idx, plan.num_nodes)):
+                o = int(offsets[j])
+                emitted[j], paths[j] = walk_chain(ctx.proposal.drafts[k][:n - 1],
+                                                  target[o:o + n].tolist())
+            observe_chains(self.policy, plan, ctx.proposal, emitted)
         else:
             full = [j for j, f in enumerate(plan.full) if f]
             if full:
@@ -465,29 +424,3 @@ class LadeEngine:
         ok = acceptable[o:o + n].numpy() if bool(row_sampled[o]) else None
         path = verify_subtree(prop.parent[k][:n], tokens, tgt, ok)
         return [int(tokens[s]) for s in path] + [int(tgt[path[-1] if path else 0])], path
-
-    def _walk_chain(self, ctx, j, o, target) -> tuple[list[int], list[int]]:
-        """A chain's drafts are accepted up to the first that differs from its parent's target
-        (what ``verify_subtree`` does on a chain, without the tree)."""
-        k, n = ctx.plan.prop_idx[j], ctx.plan.num_nodes[j]
-        drafts = ctx.proposal.drafts[k][:n - 1]
-        tgt = target[o:o + n].tolist()
-        a = 0
-        while a < n - 1 and drafts[a] == tgt[a]:
-            a += 1
-        return drafts[:a] + [tgt[a]], list(range(1, a + 1))
-
-    def _observe_chains(self, ctx, emitted: dict[int, list[int]]) -> None:
-        """The policy learns from the chains scheduled whole: drafts and accepted drafts."""
-        plan = ctx.plan
-        full = [j for j, f in enumerate(plan.full) if f]
-        if not full:
-            return
-        args = ctx.proposal.tree_args
-        ks = [plan.prop_idx[j] for j in full]
-        drafted = [plan.num_nodes[j] - 1 for j in full]
-        accepted = [len(emitted[j]) - 1 for j in full]
-        self.policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full),
-                                  sum(drafted) / len(full))
-        self.policy.observe_chain(drafted, accepted, [int(args["cand_len"][k]) for k in ks],
-                                  [args["classes"][k] for k in ks])

@@ -1,6 +1,6 @@
 """What one step's proposal looks like between ``LadeEngine.propose`` and ``LadeEngine.accept``:
-the proposed trees in the order vLLM sees their nodes ([root | trie | window] per request), and the
-plan of which of them were scheduled whole."""
+the proposed trees in the order vLLM sees their nodes ([root | trie | window] per request), the
+plan of which of them were scheduled whole, and the subset of a batch's trees to commit."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,3 +85,27 @@ def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
         depths.append(depth_s[lo:hi])
         num_trie.append(int(is_trie_s[lo:hi].sum()))
     return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths, num_trie)
+
+
+def select_trees(tree: StepTree, sel: torch.Tensor) -> StepTree:
+    """The trees of sequences ``sel`` [k] (increasing) of ``tree``, renumbered as a batch of k."""
+    num = tree.num_nodes[sel]
+    lo = tree.seq_start[sel]
+    start = torch.zeros(num.numel() + 1, dtype=tree.seq_start.dtype, device=num.device)
+    start[1:] = torch.cumsum(num, 0)
+    seq = torch.arange(num.numel(), device=num.device).repeat_interleave(num)
+    shift = start[:-1] - lo                                      # new index = old + shift
+    old = torch.arange(int(start[-1]), device=num.device) - shift[seq]
+
+    def renumber(index: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        return torch.where(index >= 0, index + by, -1)
+
+    return StepTree(
+        tokens=tree.tokens[old], depth=tree.depth[old],
+        parent=renumber(tree.parent[old], shift[seq]), node_seq=seq, is_trie=tree.is_trie[old],
+        seq_start=start, num_nodes=num, root_index=start[:-1],
+        window_levels=tree.window_levels[sel],
+        window_width=tree.window_width[sel],
+        top_level_index=renumber(tree.top_level_index[sel], shift[:, None]),
+        cand_node_index=renumber(tree.cand_node_index[sel], shift[:, None, None]),
+        cand_len=tree.cand_len, max_depth=tree.max_depth)
