@@ -8,7 +8,8 @@ insert, via ``LookaheadState.propose`` / ``commit``. State is realistic: tokens 
 "active" vocabulary so that keys repeat and the pools are populated (most keys hold G candidates).
 Reports the median over the timed steps after warm-up steps, for B=1 and B=64 at W=15, N=5, G=15
 (``--settings W,N,G ...`` and ``--batches`` for others), with the K=8 context suffix match
-(``--suffix``, 0 = off).
+(``--suffix``, 0 = off). ``--device cuda`` keeps the proposer's tensors on the GPU and synchronizes
+around each timed part, so the time is host + device.
 """
 from __future__ import annotations
 
@@ -45,30 +46,35 @@ def install_phase_timers(state: LookaheadState) -> None:
 
 def bench(batch: int, W: int, N: int, G: int, steps: int, warmup: int, active_vocab: int,
           pool_from_prompt: bool, seed: int = 0, breakdown: bool = False,
-          suffix: int = 0) -> dict:
+          suffix: int = 0, device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(seed)
     state = LookaheadState(max(batch, 1), W, N, G, pool_from_prompt=pool_from_prompt,
-                           suffix_tokens=suffix)
+                           suffix_tokens=suffix, device=device)
+    sync = torch.cuda.synchronize if state.device.type == "cuda" else (lambda: None)
     if breakdown:
         install_phase_timers(state)
-    slots = torch.arange(batch)
+    slots = torch.arange(batch, device=device)
     # committed tokens per sequence (the engine reads them from vLLM's token table, untimed)
     contexts = []
     for s in range(batch):
         prompt = torch.randint(active_vocab, (256,), generator=gen)
         state.start(s, prompt, seed=s)
         contexts.append(prompt.numpy())
-    last = torch.from_numpy(np.array([c[-1] for c in contexts]))
+    last = torch.from_numpy(np.array([c[-1] for c in contexts])).to(device)
     times, nodes, cands, emitted = [], [], [], []
     for step in range(warmup + steps):
+        sync()
         t0 = time.perf_counter()
         tree = state.propose(slots, last, contexts=contexts if suffix else None)
+        sync()
         t1 = time.perf_counter()
         # stand-in for the model: random targets from the active vocabulary (not timed)
-        target = torch.randint(active_vocab, (tree.total_nodes,), generator=gen)
+        target = torch.randint(active_vocab, (tree.total_nodes,), generator=gen).to(device)
+        sync()
         t2 = time.perf_counter()
         result = state.commit(slots, tree, target)
         last = result.emitted.gather(1, (result.num_emitted - 1)[:, None])[:, 0]
+        sync()
         t3 = time.perf_counter()
         for b, (em, n) in enumerate(zip(result.emitted.tolist(), result.num_emitted.tolist())):
             contexts[b] = np.concatenate([contexts[b], np.array(em[:n], dtype=np.int64)])
@@ -100,6 +106,8 @@ def main() -> None:
     ap.add_argument("--suffix", type=int, default=8,
                     help="suffix_tokens K: the context suffix-match candidate (0 = off)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--device", default="cpu",
+                    help="where the proposer's tensors live (cuda: host + device time, synchronized)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print the median time of each phase (adds timer overhead)")
     args = ap.parse_args()
@@ -109,11 +117,11 @@ def main() -> None:
     for W, N, G in settings:
         print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, W={W} N={N} G={G} "
               f"K={args.suffix}, "
-              f"CPU, median over {args.steps} steps after {args.warmup}")
+              f"{args.device}, median over {args.steps} steps after {args.warmup}")
         for pfp in (False, True):
             for b in args.batches:
                 r = bench(b, W, N, G, args.steps, args.warmup, args.active_vocab, pfp,
-                          breakdown=args.breakdown, suffix=args.suffix)
+                          breakdown=args.breakdown, suffix=args.suffix, device=args.device)
                 print(f"B={r['B']:3d} pool_from_prompt={int(pfp)}: median {r['median_ms']:.3f} "
                       f"ms/step (p90 {r['p90_ms']:.3f}), {r['nodes_per_seq']:.1f} nodes/seq "
                       f"({r['trie_nodes_per_seq']:.1f} trie)")

@@ -61,8 +61,9 @@ def _find_gguf(cache: Path) -> Path:
     return unpacked / members[0]
 
 
-def _convert(gguf: Path, out: Path) -> None:
-    """GGUF (Q4_1) -> plain HF folder in bf16, written atomically."""
+def _convert(gguf: Path, out: Path, tokenizer: bool = True) -> None:
+    """GGUF (Q4_1) -> plain HF folder in bf16 (with its tokenizer unless ``tokenizer=False``),
+    written atomically."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +80,8 @@ def _convert(gguf: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src_dir, gguf_file=name).save_pretrained(tmp)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(src_dir, gguf_file=name).save_pretrained(tmp)
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("quantization_config", None)
