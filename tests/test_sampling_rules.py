@@ -101,3 +101,21 @@ def test_tree_bitmask_rows_follow_each_nodes_path():
     assert rows[:, 0].tolist() == [bits(1, 5), bits(2), bits(3, 4), bits(6), bits(1, 5),
                                    bits(1, 5), bits(3, 4), bits(1, 5)]
     assert g.state == []   # the grammar is left at the committed tokens
+
+
+def test_row_argmax_is_argmax_with_ties_and_nan():
+    """The greedy target per row (``row_argmax``, the fast reduction) picks what ``argmax`` picks:
+    the first maximal index on ties, the first NaN where a row has one, in every dtype."""
+    from lade_vllm.adapter.sampling import row_argmax
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4099, generator=gen)
+    x[1, 5] = x[1, 900] = 1e4            # a tie: the first index wins
+    x[2] = 0                              # all equal
+    x[3, 17] = x[3, 40] = float("nan")    # NaN is the maximum, first one
+    x[4, -1] = float("inf")
+    x[5] = float("-inf")
+    x[6] = torch.randint(0, 3, (4099,), generator=gen).float()   # many ties
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y = x.to(dtype)
+        assert torch.equal(row_argmax(y), y.argmax(dim=-1)), dtype
+        assert torch.equal(row_argmax(y[:0]), y[:0].argmax(dim=-1))

@@ -131,7 +131,15 @@ def sample_rows(x: torch.Tensor, reqs: list[RequestRows], generators: dict,
         lo += r.num
     if fused:
         return torch.ops._C.fused_gumbel_argmax(x.to(torch.float32).contiguous(), seeds), streams
-    return probs.div_(q).argmax(dim=-1), streams
+    return row_argmax(probs.div_(q)), streams
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-row argmax of ``x`` [M, V]: the first index of each row's maximum, as ``argmax`` (NaN
+    counts as the maximum in both). ``max(dim=-1).indices`` is the same reduction but 3-5x faster
+    than ``argmax`` over vocabulary-sized rows on torch's CPU backend (measured 80 x 49152 bf16:
+    1.5 vs 7.2 ms on two threads)."""
+    return x.max(dim=-1).indices
 
 
 @dataclass
@@ -162,13 +170,13 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
         or sm.allowed_token_ids_mask is not None
     if sm.all_greedy and not rules and not keep_processed:
         # argmax straight on the model-dtype rows (the fp32 cast is exact and monotone)
-        argmax = torch.cat([logits[r.start:r.start + r.num].argmax(dim=-1) for r in reqs]).cpu()
+        argmax = torch.cat([row_argmax(logits[r.start:r.start + r.num]) for r in reqs]).cpu()
         return NodeTargets(argmax, argmax, torch.zeros(argmax.shape[0], dtype=torch.bool), None)
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
     if rules:    # before the argmax: greedy targets follow them too, as in vLLM's Sampler
         x = apply_token_rules(x, reqs, sm, biases, paths, min_toks, depths)
-    argmax = x.argmax(dim=-1)
+    argmax = row_argmax(x)
     M = x.shape[0]
     if sampling_metadata.all_greedy:
         return NodeTargets(argmax.cpu(), argmax.cpu(), torch.zeros(M, dtype=torch.bool),
