@@ -49,12 +49,18 @@ tokens; a level's error combines its cost's and its tokens'.
 
 Choosing. The first nine steps with lookahead requests cycle OFF, CHAIN and LOOKUP (three samples
 each; OFF instead of a LOOKUP step predicted dearer than ``EXPLORE_COST`` x an OFF step, e.g. at
-batch 32 on a CPU, from a cost curve that the prefill steps have already spanned); then the
-best-scoring level becomes the exploited level. It changes only to a level whose
+batch 32 on a CPU, from a cost curve that the prefill steps have already spanned; the warm-up's
+chains shortened alike until their step is predicted within ``EXPLORE_COST`` x an OFF step);
+then the best-scoring level becomes the exploited level. It changes only to a level whose
 score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined standard error of
 both scores): a difference within the measured noise does not flip it. Back to OFF, which
 cannot lose to plain decoding, it changes for any gain above ``SWITCH_FLOOR``: the standard
 errors are largest early in a run, and a lucky first estimate must not lock a losing level in.
+A speculative level whose drafts are predicted to beat OFF by no more than ``SWITCH_FLOOR``
+gives way to OFF too: within the floor a predicted gain cannot be told from the optimism of the
+estimate itself (the chain lengths are the maximum of noisy scores). CHAIN with every matched
+class cut to 0 drafts is the same plain step as OFF and is exploited in its place, so that its
+length probes keep running.
 
 Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
 estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
@@ -283,6 +289,18 @@ class AdaptivePolicy:
             if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
                 self.best[c] = best
 
+    def _affordable_cut(self, num_reqs: int, base_tokens: int) -> list[int]:
+        """The warm-up's chain lengths: the best ones, shortened alike until the step is predicted
+        to cost at most EXPLORE_COST x a plain one (at batch 32 on a CPU, eight drafts per
+        request would cost as much as five plain steps; at batch 1 nothing is cut)."""
+        matched = sum(self.matched)
+        plain = self.cost(OFF, base_tokens + num_reqs)
+        n = max(self.best)
+        while n > 1 and self.cost(CHAIN, base_tokens + num_reqs + matched * n) \
+                > EXPLORE_COST * plain:
+            n -= 1
+        return [min(b, n) for b in self.best]
+
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         return self.estimate(level, num_reqs, base_tokens).score
 
@@ -320,6 +338,8 @@ class AdaptivePolicy:
         if level == CHAIN:
             self.chain_steps += 1
             self.cut = list(self.best)
+            if self.steps <= WARMUP_ROUNDS * 3:
+                self.cut = self._affordable_cut(num_reqs, base_tokens)
             if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
                 up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
                 self.cut = [self._probe_len(c, up, num_reqs, base_tokens) if m else self.best[c]

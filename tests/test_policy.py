@@ -160,3 +160,28 @@ def test_warm_up_leaves_a_dear_tree_step_to_exploration():
         return pol.history
     assert warm_up(32, 2600, lambda t: 0.02 + 0.0015 * t)[LOOKUP] == 0
     assert warm_up(1, 100, lambda t: 0.010 + 0.00001 * t)[LOOKUP] == 3
+
+
+def test_warm_up_chains_are_cut_to_an_affordable_step():
+    """The warm-up's CHAIN steps draft at the full chain length where extra tokens are nearly
+    free (batch 1 on a GPU), and only as many drafts as keep the step within EXPLORE_COST x a
+    plain one where they are not (batch 32 on a CPU: 8 drafts each would cost 5 plain steps)."""
+    from lade_vllm.policy import EXPLORE_COST
+
+    def warm_up_cuts(num_reqs, prefill, cost):
+        pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+        pol.observe_step(prefill, cost(prefill))
+        cuts = []
+        for _ in range(9):
+            level = pol.choose(num_reqs, 0, matched=num_reqs)
+            drafts = num_reqs * pol.chain_len if level == CHAIN else 0
+            if level == CHAIN:
+                cuts.append(pol.chain_len)
+            fed = num_reqs + drafts
+            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS)
+        return cuts
+    dear = lambda t: 0.07 + 0.0022 * t    # noqa: E731  (batch 32, fp32, 2 cores)
+    cuts = warm_up_cuts(32, 2500, dear)
+    assert cuts and all(1 <= n < CHAIN_NODES for n in cuts)
+    assert all(dear(32 + 32 * n) <= EXPLORE_COST * 1.1 * dear(32) for n in cuts)
+    assert warm_up_cuts(1, 100, lambda t: 0.010 + 0.00001 * t) == [CHAIN_NODES] * 3
