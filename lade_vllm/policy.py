@@ -356,31 +356,18 @@ class AdaptivePolicy:
     def _exploit(self, est: list[_Estimate]) -> int:
         """The exploited level: the current one unless another beats it beyond the noise. OFF,
         the level that cannot lose to plain decoding, is returned to for any gain above
-        SWITCH_FLOOR (an early lucky estimate of a speculative level must not lock it in), and
-        whenever the exploited level is not predicted to beat it by more than SWITCH_FLOOR."""
+        SWITCH_FLOOR: an early lucky estimate of a speculative level must not lock it in."""
         cur = self.exploit
         if cur is None:
-            level = max(LEVELS, key=lambda lv: (est[lv].score, -lv))
-        else:
-            def margin(lv: int) -> float:
-                if lv == OFF:
-                    return SWITCH_FLOOR
-                return max(SWITCH_FLOOR, SWITCH_K * math.hypot(est[lv].se, est[cur].se))
-            better = [lv for lv in LEVELS
-                      if lv != cur and est[lv].score > est[cur].score * (1.0 + margin(lv))]
-            level = max(better, key=lambda lv: est[lv].score) if better else cur
-        # a speculative level is kept only while it is predicted to beat plain decoding by more
-        # than SWITCH_FLOOR: within the floor the estimate cannot tell a gain from its own
-        # optimism (each level's best chain length is the maximum of noisy scores). CHAIN with
-        # every matched class at 0 drafts is the same plain step as OFF and is exploited in its
-        # place, so that its length probes keep running.
-        if not any(self.matched):
-            return level   # no step drafts at CHAIN: it is not judged on this one
-        if not any(m and self.best[c] for c, m in enumerate(self.matched)):
-            return CHAIN if level in (OFF, CHAIN) else level
-        if level != OFF and est[level].score <= est[OFF].score * (1.0 + SWITCH_FLOOR):
-            return OFF
-        return level
+            return max(LEVELS, key=lambda lv: (est[lv].score, -lv))
+
+        def margin(lv: int) -> float:
+            if lv == OFF:
+                return SWITCH_FLOOR
+            return max(SWITCH_FLOOR, SWITCH_K * math.hypot(est[lv].se, est[cur].se))
+        better = [lv for lv in LEVELS
+                  if lv != cur and est[lv].score > est[cur].score * (1.0 + margin(lv))]
+        return max(better, key=lambda lv: est[lv].score) if better else cur
 
     def _explore(self, est: list[_Estimate]) -> int:
         """The level to run on an exploration step (the exploited one when none qualifies)."""
