@@ -26,7 +26,7 @@ class LadeConfig:
     #: G: candidates verified per step, and continuations kept per key in the pool.
     guess_set_size: int = 7
     #: K: tokens of the context suffix-match candidate (prompt lookup over prompt + output,
-    #: longest match of 2-8 tokens, most recent occurrence); 0 = no such candidate.
+    #: longest match of 2-8 tokens, earliest occurrence); 0 = no such candidate.
     suffix_tokens: int = 8
     #: Seed the pool with the prompt's n-grams and add committed output n-grams as they appear.
     pool_from_prompt: bool = True

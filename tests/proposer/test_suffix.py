@@ -17,19 +17,22 @@ def _naive(tokens, k, min_n=2, max_n=8):
     L = len(tokens)
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         suf = tokens[L - n:]
-        for s in range(L - n - 1, -1, -1):
+        for s in range(L - n):
             if tokens[s:s + n] == suf:
                 return tokens[s + n:s + n + k]
     return []
 
 
-def test_longest_then_most_recent_match():
+def test_longest_then_earliest_match():
     ctx = [5, 1, 2, 3, 9, 9, 7, 2, 3, 4, 4, 1, 2, 3]
     # suffix [1, 2, 3] occurs at 1 (then 9 9 7 ...); [2, 3] alone also at 7 (then 4 4): longest wins
     out = suffix_candidates([np.array(ctx)], 4)
     assert out.tolist() == [[9, 9, 7, 2]]
     # no repeated suffix: no candidate
     assert suffix_candidates([np.array([1, 2, 3, 4])], 4).tolist() == [[-1] * 4]
+    # [1, 2] occurs at 0 (then 7 7 ...) and at 4 (then 8 8 ...): the earliest occurrence wins
+    ctx = [1, 2, 7, 7, 1, 2, 8, 8, 1, 2]
+    assert suffix_candidates([np.array(ctx)], 4).tolist() == [[7, 7, 1, 2]]
     # continuation shorter than k near the end is padded with -1
     assert suffix_candidates([np.array([7, 8, 7, 8])], 5).tolist() == [[7, 8, -1, -1, -1]]
 
