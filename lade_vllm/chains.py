@@ -5,6 +5,27 @@ A CHAIN step drafts each request's context match (lade_vllm.proposer.suffix). Ho
 continuation is accepted depends on how long the match was: a one-token match is a weak guess, a
 match of 3+ tokens is usually copied text. So chains are recorded per match class (matched on 1,
 2, or 3 or more tokens), each class with its own :class:`ChainDepths` and its own chain length.
+
+How the policy (lade_vllm.policy.AdaptivePolicy) uses the records.
+The chain's length. A chain truncated to L drafts delivers, per request, 1 + sum over d <= L of
+h_1 * ... * h_d tokens, where h_d is the chance that a chain whose first d-1 drafts were accepted
+has a d-th draft and it is accepted: so one record of chain steps predicts every shorter chain.
+:class:`ChainDepths` keeps, per depth, decayed counts of chains that reached it and of those
+accepted there, and of chains long enough to have a draft there (for nodes(L)); a step truncated
+to L observes depths up to L only (a chain accepted to its cap says nothing deeper), and only the
+depths it observes decay, so a depth not run lately keeps its estimate. There is one record per
+match class (lade_vllm.chains: the context match was 1, 2, or 3+ tokens long), each with its own
+length L_c, and a record holds chains of requests with a context match only: the driver finds the
+matches before asking for a level and passes their number M_c per class; the other requests of a
+CHAIN step decode plainly in it, and a step with no match is an OFF step (so text that rarely
+repeats itself costs the chain nothing and does not dilute its record). CHAIN is scored as
+(R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the plain
+cost curve; each class present in the step takes the L_c that maximises that score (the others at
+theirs; L_c = 0: the class's requests decode plainly, e.g. weak one-token matches at batch 32 on a
+CPU), changed only for a predicted gain above the policy's ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
+chain step runs each present class one cost bucket longer, the next one shorter, so the
+neighbouring depths and step costs stay measured at a bounded cost. ``cut`` holds the lengths
+this step's chains are cut to (``best``, or a probe's).
 """
 from __future__ import annotations
 

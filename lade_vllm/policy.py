@@ -56,11 +56,6 @@ score beats it by more than max(``SWITCH_FLOOR``, ``SWITCH_K`` * the combined st
 both scores): a difference within the measured noise does not flip it. Back to OFF, which
 cannot lose to plain decoding, it changes for any gain above ``SWITCH_FLOOR``: the standard
 errors are largest early in a run, and a lucky first estimate must not lock a losing level in.
-A speculative level whose drafts are predicted to beat OFF by no more than ``SWITCH_FLOOR``
-gives way to OFF too: within the floor a predicted gain cannot be told from the optimism of the
-estimate itself (the chain lengths are the maximum of noisy scores). CHAIN with every matched
-class cut to 0 drafts is the same plain step as OFF and is exploited in its place, so that its
-length probes keep running.
 
 Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
 estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
@@ -77,25 +72,8 @@ exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: ev
 ``explore_every`` steps the least recently used other level runs (for tests). The choice never
 affects outputs, only speed.
 
-The chain's length. A chain truncated to L drafts delivers, per request, 1 + sum over d <= L of
-h_1 * ... * h_d tokens, where h_d is the chance that a chain whose first d-1 drafts were accepted
-has a d-th draft and it is accepted: so one record of chain steps predicts every shorter chain.
-:class:`ChainDepths` keeps, per depth, decayed counts of chains that reached it and of those
-accepted there, and of chains long enough to have a draft there (for nodes(L)); a step truncated
-to L observes depths up to L only (a chain accepted to its cap says nothing deeper), and only the
-depths it observes decay, so a depth not run lately keeps its estimate. There is one record per
-match class (lade_vllm.chains: the context match was 1, 2, or 3+ tokens long), each with its own
-length L_c, and a record holds chains of requests with a context match only: the driver finds the
-matches before asking for a level and passes their number M_c per class; the other requests of a
-CHAIN step decode plainly in it, and a step with no match is an OFF step (so text that rarely
-repeats itself costs the chain nothing and does not dilute its record). CHAIN is scored as
-(R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the plain
-cost curve; each class present in the step takes the L_c that maximises that score (the others at
-theirs; L_c = 0: the class's requests decode plainly, e.g. weak one-token matches at batch 32 on a
-CPU), changed only for a predicted gain above ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
-chain step runs each present class one cost bucket longer, the next one shorter, so the
-neighbouring depths and step costs stay measured at a bounded cost. ``cut`` holds the lengths
-this step's chains are cut to (``best``, or a probe's).
+The chain's length: see lade_vllm.chains (one record and one length per context-match class;
+``cut`` holds the lengths this step's chains are cut to).
 
 Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
 dropped), at most ``COST_WINDOW`` samples per bucket and ``LEVEL_WINDOW`` per level, and in all
@@ -104,13 +82,12 @@ about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR,  # noqa: F401
                                ChainDepths, group_by_class, match_class)
 from lade_vllm.step_cost import (COST_WINDOW, HORIZON, MAX_BUCKETS, MIN_KEEP,  # noqa: F401
-                                 PRIOR_SIGMA, TRIM_EVERY, UNMEASURED_SE, StepCostModel,
-                                 _Samples)
+                                 PRIOR_SIGMA, TRIM_EVERY, UNMEASURED_SE, StepCostModel)
+from lade_vllm.level_stats import LEVEL_WINDOW, _Estimate, _LevelMean  # noqa: F401
 
 OFF, CHAIN, LOOKUP, FULL = 0, 1, 2, 3
 LEVELS = (OFF, CHAIN, LOOKUP, FULL)
@@ -121,7 +98,6 @@ TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
 #: CHAIN's is per request with a context match, HumanEval measured 1.5-2.9).
 PRIOR_TOKENS = (1.0, 1.5, 1.15, 1.4)
 WARMUP_ROUNDS = 3     # the first steps cycle OFF, CHAIN, LOOKUP this many times
-LEVEL_WINDOW = 1024   # tokens/nodes observations kept per level
 SWITCH_FLOOR = 0.03   # the exploited level changes only for a gain above this...
 SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
 EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
@@ -129,45 +105,6 @@ EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction o
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
 CHAIN_SWITCH = 0.01   # the chain length changes for a predicted gain above this
-
-
-class _LevelMean:
-    """Mean of a level's recent observations (``_Samples``; a prior until the first one) and its
-    relative standard error."""
-
-    def __init__(self, prior: float, fixed: bool = False):
-        self.fixed = fixed       # OFF: exactly known, never observed
-        self.samples = _Samples(LEVEL_WINDOW)
-        self.value = prior
-        self.se = 0.0 if fixed else 0.2
-
-    @property
-    def measured(self) -> bool:
-        """The value comes from observed steps (or is exactly known), not from the prior."""
-        return self.fixed or len(self.samples) > 0
-
-    def add(self, x: float, tick: int) -> None:
-        if self.samples.add(x, tick):
-            self._estimate()
-
-    def trim(self, tick: int) -> None:
-        if self.samples.trim(tick):
-            self._estimate()
-
-    def _estimate(self) -> None:
-        data = self.samples.values()
-        n = len(data)
-        self.value = m = sum(data) / n
-        if n >= 2:
-            var = sum((v - m) ** 2 for v in data) / (n - 1)
-            self.se = math.sqrt(var / n) / max(m, 1e-9)
-
-
-@dataclass
-class _Estimate:
-    score: float   # tokens/s
-    cost: float    # seconds of the step
-    se: float      # relative standard error of score
 
 
 class AdaptivePolicy:
@@ -314,11 +251,12 @@ class AdaptivePolicy:
             top = num_reqs if matched is None else max(0, min(int(matched), num_reqs))
             matched = [0] * (CHAIN_CLASSES - 1) + [top]
         self.matched = [int(m) for m in matched]
+        warming = self.steps <= WARMUP_ROUNDS * 3   # the first steps cycle OFF, CHAIN, LOOKUP
         if not self.enabled:
             level = FULL
         elif num_reqs <= 0:
             return OFF
-        elif self.steps <= WARMUP_ROUNDS * 3:
+        elif warming:
             # measure the cheap levels first, a few times each: a step whose token count is new
             # to the engine can be slow once (kernel set-up), which the robust mean drops
             level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
@@ -338,7 +276,7 @@ class AdaptivePolicy:
         if level == CHAIN:
             self.chain_steps += 1
             self.cut = list(self.best)
-            if self.steps <= WARMUP_ROUNDS * 3:
+            if warming:
                 self.cut = self._affordable_cut(num_reqs, base_tokens)
             if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
                 up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
