@@ -67,6 +67,7 @@ class ScheduledBatch:
     num_scheduled: Mapping[str, int]       # request id -> scheduled tokens (root included)
     query_start: np.ndarray                # per row: first token in the flattened batch
     num_computed: np.ndarray               # per row: p, tokens already in the KV cache
+    resumed: Collection[str] = ()          # requests resumed from preemption (recomputed)
 
 
 @dataclass
@@ -123,6 +124,8 @@ class LadeEngine:
         self.max_tree_len = max_tree_len
         self.pending: Proposal | None = None   # trees proposed for the next step
         self.step = StepContext()
+        # finished / resumed requests, told to the attention backend with the next tree layout
+        self.kv_stale: set[str] = set()
 
     # ---- request lifetime -------------------------------------------------------------------
     def release(self, req_ids) -> None:
@@ -267,10 +270,11 @@ class LadeEngine:
                                       tokens=int(sched.total_tokens))
         if sched.finished:
             self.release(sched.finished)
+        self.kv_stale.update(sched.finished, sched.resumed)
         prop = ctx.proposal
         if prop is None:
             return ctx
-        plan, layout = StepPlan(), TreeLayout(req_indices=[], tree_masks=[])
+        plan, layout = StepPlan(), TreeLayout(req_indices=[], tree_masks=[], req_keys=[])
         for k, req_id in enumerate(prop.req_ids):
             i = sched.index_of.get(req_id)
             drafts = sched.drafts.get(req_id)
@@ -287,8 +291,11 @@ class LadeEngine:
             if not np.array_equal(depth, np.arange(n)):
                 layout.req_indices.append(i)
                 layout.tree_masks.append(ancestor_mask(prop.parent[k][:n]))
+                layout.req_keys.append(req_id)
             self._count_nodes(ctx, req_id, n, prop.num_trie[k])
             plan.add(i, k, n, n == len(mine) + 1, start)
+        if layout.req_indices:   # the backend's dense K/V copies of these requests go
+            layout.stale, self.kv_stale = sorted(self.kv_stale), set()
         ctx.layout = layout if layout.req_indices else None
         ctx.tree = ctx.layout is not None
         ctx.plan = plan if plan.batch_idx else None

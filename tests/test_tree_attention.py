@@ -257,7 +257,7 @@ def _impl(b: _Batch, monkeypatch):
     return LadeCPUAttentionImpl(b.H, b.hd, b.hd**-0.5, b.KVH, None, None, "auto")
 
 
-def _run(b, bld, impl, layout):
+def _run(b, bld, impl, layout, new_kv=False):
     set_step_layout(layout)
     try:
         md = bld.build(0, b.common())
@@ -265,8 +265,12 @@ def _run(b, bld, impl, layout):
         set_step_layout(None)
     layer = types.SimpleNamespace(isa=b.isa, _k_scale_float=1.0, _v_scale_float=1.0)
     out = torch.full((b.N, b.H, b.hd), float("nan"), dtype=b.dtype)
-    key = b.query.new_zeros(b.N, b.KVH, b.hd)  # unused by forward (KV already cached)
-    ret = impl.forward(layer, b.query, key, key, b.kv_cache, md, out)
+    if new_kv:  # the step's own K/V, as the layer passes them (already written to the cache)
+        key = torch.cat([k[p:] for k, p in zip(b.k, b.prefix_lens)])
+        value = torch.cat([v[p:] for v, p in zip(b.v, b.prefix_lens)])
+    else:       # the gather path reads every key from the cache
+        key = value = b.query.new_zeros(b.N, b.KVH, b.hd)
+    ret = impl.forward(layer, b.query, key, value, b.kv_cache, md, out)
     assert ret is out
     return out, md
 
@@ -309,6 +313,49 @@ def test_kernel_parity_chain_and_tree(dtype, monkeypatch):
         exp = _naive_attention(b.query[rows].float(), b.k[r].float(), b.v[r].float(),
                                allowed, hd**-0.5)
         torch.testing.assert_close(out[rows].double(), exp, **tol)
+
+
+def _move_boundary(b, r, prefix_len, gen):
+    """The same cached tokens, with request ``r``'s step starting at ``prefix_len`` (as after a
+    step that committed ``prefix_len - p`` tokens); fresh queries."""
+    b.q_lens[r] = b.seq_lens[r] - prefix_len
+    b.prefix_lens[r] = prefix_len
+    qsl = [0]
+    for t in b.q_lens:
+        qsl.append(qsl[-1] + t)
+    b.qsl, b.N = torch.tensor(qsl, dtype=torch.int32), qsl[-1]
+    b.query = torch.randn(b.N, b.H, b.hd, generator=gen).to(b.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_prefix_copies_follow_committed_tokens(dtype, monkeypatch):
+    """Consecutive tree steps through the dense prefix copies give the attention of the gathered
+    prefix: the copy is extended by the rows committed in between, rebuilt when stale."""
+    H, KVH, hd, bs = 4, 2, 64, 32
+    isa = _picked_isa(dtype, bs, hd)
+    # req0: a tree decoded over 3 steps (boundary 50 -> 53 -> 59); req1: a 3-token chain
+    b = _Batch([50, 20], [12, 3], H=H, KVH=KVH, hd=hd, bs=bs, dtype=dtype, isa=isa, seed=3)
+    bld, impl = _builder(b), _impl(b, monkeypatch)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    gen = torch.Generator().manual_seed(9)
+    _move_boundary(b, 0, 50, gen)
+    for step, (p, stale, start) in enumerate([(50, [], 0), (53, [], 50), (59, ["a"], 0)]):
+        _move_boundary(b, 0, p, gen)
+        T = b.q_lens[0]
+        m = _ancestor_mask([-1] + [int(torch.randint(0, i, (1,), generator=gen))
+                                   for i in range(1, T)])
+        ref, _ = _run(b, bld, impl, TreeLayout([0], [m]))             # prefix gathered
+        out, md = _run(b, bld, impl, TreeLayout([0], [m], req_keys=["a"], stale=stale),
+                       new_kv=True)
+        assert md.tree.starts == [start], step
+        assert impl._lade_dense.length("a") == p
+        torch.testing.assert_close(out.float(), ref.float(), **tol)
+        allowed = torch.zeros(T, p + T, dtype=torch.bool)
+        allowed[:, :p] = True
+        allowed[:, p:] = m
+        exp = _naive_attention(b.query[:T].float(), b.k[0].float(), b.v[0].float(), allowed,
+                               hd**-0.5)
+        torch.testing.assert_close(out[:T].double(), exp, **tol)
 
 
 def test_build_rejects_wrong_query_len(monkeypatch):

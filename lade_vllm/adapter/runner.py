@@ -121,7 +121,8 @@ class LadeRunnerAdapter:
                 drafts=scheduler_output.scheduled_spec_decode_tokens,
                 num_scheduled=scheduler_output.num_scheduled_tokens,
                 query_start=runner.query_start_loc.np,
-                num_computed=batch.num_computed_tokens_cpu))
+                num_computed=batch.num_computed_tokens_cpu,
+                resumed=scheduler_output.scheduled_cached_reqs.resumed_req_ids))
             # data writes into the runner's input buffer: RoPE positions p + depth
             write_positions(runner.positions, ctx.positions)
             if ctx.plan is not None:

@@ -37,10 +37,16 @@ class TreeLayout:
         token i (its ancestors and itself). The request's scheduled query
         length must be exactly ``T_r``; every new token also sees the whole
         already-computed prefix.
+    req_keys: optional, per such request a stable id (the request id). When given, the CPU
+        backend keeps a dense copy of each request's prefix K/V between steps.
+    stale: request ids whose copies must go (finished, or resumed from preemption since the
+        last layout).
     """
 
     req_indices: list[int] = field(default_factory=list)
     tree_masks: list[torch.Tensor] = field(default_factory=list)
+    req_keys: list[str] | None = None
+    stale: list[str] = field(default_factory=list)
 
 
 _STEP_LAYOUT: TreeLayout | None = None

@@ -13,8 +13,11 @@ What is subclassed / overridden (vllm 0.32.0, paths under ``vllm/``):
   - ``CPUAttentionBackendImpl.forward``: super().forward() runs
     vLLM's kernel ``ops.cpu_attention_with_kv_cache`` for the whole
     batch (exact for non-tree rows), then the rows of tree requests are
-    overwritten with a dense masked attention over K/V gathered from the paged
-    cache. The cache element order is probed, not assumed
+    overwritten with a dense masked attention over the request's prefix K/V
+    (a per-layer dense copy extended by the tokens committed since its last
+    tree step, :mod:`lade_vllm.attention.dense_kv`; gathered whole from the
+    paged cache when there is none) and the step's own K/V (the layer's
+    ``key``/``value`` inputs). The cache element order is probed, not assumed
     (:mod:`lade_vllm.attention.kv_layout`); the ISA is ``layer.isa`` as set by
     ``CPUAttentionMetadataBuilder._set_isa_to_layers``.
 - ``v1/attention/backends/registry.py``: ``register_backend(backend,
@@ -54,6 +57,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from lade_vllm.attention import TreeLayout, get_step_layout
+from lade_vllm.attention.dense_kv import DenseKV, PrefixLedger
 from lade_vllm.attention.kv_layout import gather_kv, probe_layout, token_gather_index
 from lade_vllm.attention.tree_math import mask_bias, masked_attention
 from lade_vllm.attention.tree_rows import tree_rows
@@ -86,10 +90,16 @@ class TreeAttnPlan:
     flat_dst: torch.Tensor  # [n] long, the matching token rows
     max_query_len: int  # Tq
     max_kv_len: int  # L
+    sizes: list[int] = field(default_factory=list)      # [R] tree size T
+    prefixes: list[int] = field(default_factory=list)   # [R] p
     covers_all: bool = False  # every scheduled token is a tree token: skip vLLM's kernel
+    # dense prefix copies (set by the builder when the layout names its requests)
+    req_keys: list[str] | None = None
+    starts: list[int] = field(default_factory=list)     # [R] rows every layer's copy holds
+    dropped: list[str] = field(default_factory=list)    # copies every layer drops this step
     # built by the first layer that needs them, reused by the others (same step, same group)
-    kv_index: dict = field(default_factory=dict)  # (isa, dtype, cache shape) -> gather index
-    bias: dict = field(default_factory=dict)      # dtype -> additive mask [R, 1, Tq, L]
+    kv_index: dict = field(default_factory=dict)  # (isa, dtype, cache shape[, r, start]) -> index
+    bias: dict = field(default_factory=dict)      # dtype[, r] -> additive mask [R|1, 1, Tq, L]
 
     @property
     def num_reqs(self) -> int:
@@ -138,7 +148,8 @@ def build_tree_plan(
     return TreeAttnPlan(req_indices=rows.req_indices, query_rows=rows.query_rows,
                         query_valid=query_valid, block_table=bt, prefix_lens=prefix,
                         kv_lens=kv_lens, allowed=allowed, flat_src=rows.flat_src,
-                        flat_dst=rows.flat_dst, max_query_len=Tq, max_kv_len=L)
+                        flat_dst=rows.flat_dst, max_query_len=Tq, max_kv_len=L,
+                        sizes=T.tolist(), prefixes=prefix.tolist())
 
 
 class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -166,8 +177,24 @@ class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             )
             tree.covers_all = (tree.num_reqs == cam.num_reqs
                                and int(tree.flat_dst.numel()) == cam.num_actual_tokens)
+            if layout.req_keys is not None:
+                tree.req_keys = list(layout.req_keys)
+                tree.starts, tree.dropped = self._ledger().plan(
+                    tree.req_keys, tree.prefixes, tree.sizes, tree.block_table,
+                    self.block_size, layout.stale)
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
         return LadeCPUAttentionMetadata(**fields, tree=tree)
+
+    def _ledger(self) -> PrefixLedger:
+        """The dense prefix copies of this group's layers; together they may hold a quarter of
+        the paged cache's tokens (32768 rows when the cache size is not known)."""
+        ledger = getattr(self, "_lade_ledger", None)
+        if ledger is None:
+            cache = getattr(getattr(self, "vllm_config", None), "cache_config", None)
+            blocks = getattr(cache, "num_gpu_blocks", None)
+            budget = blocks * self.block_size // 4 if blocks else 32768
+            ledger = self._lade_ledger = PrefixLedger(budget)
+        return ledger
 
 
 class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -211,20 +238,22 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         if plan is not None and plan.covers_all:
             # every row is overwritten below; vLLM's causal kernel would be wasted work
             self._check_tree_supported(plan)
-            self._tree_overwrite(layer, query, kv_cache, plan, output)
+            self._tree_overwrite(layer, query, key, value, kv_cache, plan, output)
             return output
         result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
         if plan is None:
             return result
         self._check_tree_supported(plan)
-        self._tree_overwrite(layer, query, kv_cache, plan, output)
+        self._tree_overwrite(layer, query, key, value, kv_cache, plan, output)
         return result
 
     def _tree_overwrite(
         self,
         layer,
         query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
         kv_cache: torch.Tensor,
         plan: TreeAttnPlan,
         output: torch.Tensor,
@@ -234,14 +263,17 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         isa = getattr(layer, "isa", None) or _get_attn_isa(
             kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
         )
-        key = (isa, kv_cache.dtype, tuple(kv_cache.shape))
-        index = plan.kv_index.get(key)
+        cache_key = (isa, kv_cache.dtype, tuple(kv_cache.shape))
+        if plan.req_keys is not None and key is not None and value is not None:
+            self._tree_rows_dense(query, key, value, kv_cache, plan, output, cache_key)
+            return
+        index = plan.kv_index.get(cache_key)
         if index is None:
             k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
                                           self.kv_cache_dtype)
             index = token_gather_index(kv_cache, plan.block_table, k_perm, v_perm,
                                        plan.max_kv_len)
-            plan.kv_index[key] = index
+            plan.kv_index[cache_key] = index
         k, v = gather_kv(kv_cache, plan.block_table, None, None, index)   # [R, kvh, L, hd]
         bias = plan.bias.get(query.dtype)
         if bias is None:
@@ -257,6 +289,43 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         )
         out_view = output.view(output.shape[0], self.num_heads, -1)
         out_view.index_copy_(0, plan.flat_dst, out_rows.to(output.dtype))
+
+    def _tree_rows_dense(self, query, key, value, kv_cache, plan: TreeAttnPlan, output,
+                         cache_key) -> None:
+        """Per tree request: extend this layer's dense copy of its prefix by the rows committed
+        since ``plan.starts[r]`` (read from the paged cache) and by the step's tree tokens (the
+        layer's ``key``/``value`` rows), then one masked attention over it."""
+        dense = self.__dict__.get("_lade_dense")
+        if dense is None:
+            dense = self._lade_dense = DenseKV()
+        dense.drop(plan.dropped)
+        isa, dtype, _ = cache_key
+        _, kvh, block_size, two_hd = kv_cache.shape
+        hd = two_hd // 2
+        k_perm, v_perm = probe_layout(isa, dtype, block_size, hd, self.kv_cache_dtype)
+        q_all = query.view(query.shape[0], self.num_heads, self.head_size)
+        k_all = key.view(key.shape[0], kvh, hd)
+        v_all = value.view(value.shape[0], kvh, hd)
+        out_view = output.view(output.shape[0], self.num_heads, -1)
+        flat = kv_cache.view(-1)
+        for r, req in enumerate(plan.req_keys):
+            p, T = plan.prefixes[r], plan.sizes[r]
+            start = plan.starts[r] if dense.length(req) == plan.starts[r] else 0
+            index = plan.kv_index.get((cache_key, r, start))
+            if index is None:
+                index = plan.kv_index[(cache_key, r, start)] = token_gather_index(
+                    kv_cache, plan.block_table[r:r + 1], k_perm, v_perm, p, start)
+            new = flat.index_select(0, index.view(-1)).view(2, kvh, p - start, hd)
+            rows = plan.query_rows[r, :T]
+            k, v = dense.extend(req, start, new[0], new[1], k_all.index_select(0, rows),
+                                v_all.index_select(0, rows))
+            bias = plan.bias.get((query.dtype, r))
+            if bias is None:
+                bias = plan.bias[(query.dtype, r)] = mask_bias(
+                    plan.allowed[r:r + 1, :T, :p + T], query.dtype)
+            out = masked_attention(q_all.index_select(0, rows)[None], k[None], v[None], bias,
+                                   self.scale)
+            out_view.index_copy_(0, rows, out[0].to(output.dtype))
 
 
 class LadeCPUAttentionBackend(CPUAttentionBackend):

@@ -144,8 +144,9 @@ def token_gather_index(
     k_perm: torch.Tensor,
     v_perm: torch.Tensor,
     length: int,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Flat element indices of the first ``length`` tokens' K and V in a CPU paged cache.
+    """Flat element indices of tokens ``[start, length)``' K and V in a CPU paged cache.
 
     Args:
         kv_cache: one layer's cache, ``[num_blocks, kvh, bs, 2 * hd]``, contiguous. Every layer
@@ -153,11 +154,13 @@ def token_gather_index(
         block_table_rows: ``[R, nblk]`` block ids covering ``[0, length)`` (entries past a
             request's length may be any valid id; they are clamped).
         k_perm, v_perm: from :func:`probe_layout` for this cache.
-        length: tokens per request to index.
+        length: the end of the token range to index (per request).
+        start: its first token.
 
     Returns:
-        ``[2, R, kvh, length, hd]`` indices into ``kv_cache.view(-1)`` (int32 when they fit):
-        ``kv_cache.view(-1)[idx[0, r, h, t, d]]`` is K of token ``t`` of request ``r``.
+        ``[2, R, kvh, length - start, hd]`` indices into ``kv_cache.view(-1)`` (int32 when they
+        fit): ``kv_cache.view(-1)[idx[0, r, h, t, d]]`` is K of token ``start + t`` of request
+        ``r``.
     """
     nb, kvh, bs, two_hd = kv_cache.shape
     hd = two_hd // 2
@@ -168,7 +171,7 @@ def token_gather_index(
     if not kv_cache.is_contiguous():
         raise ValueError("token_gather_index needs a contiguous KV cache")
     R = block_table_rows.shape[0]
-    tok = torch.arange(length)
+    tok = torch.arange(start, length)
     blk = block_table_rows.to(torch.long).clamp(0, nb - 1)[:, tok // bs]      # [R, L]
     region = 2 * bs * hd
     base = (blk[:, None, :] * (kvh * region)

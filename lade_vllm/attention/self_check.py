@@ -294,9 +294,11 @@ def cuda_tree_path(impl, *, flash_attn=None, real_writer=None) -> TreePath:
 
 def cpu_tree_path(impl, isa: str) -> TreePath:
     """The CPU tree backend's rows (:meth:`LadeCPUAttentionImpl._tree_overwrite`: vLLM's cache
-    writer for ``isa``, the probed layout, dense masked attention) with ``impl`` (the engine's
-    layer impl, or a stub with ``num_heads``, ``head_size``, ``scale``, ``kv_cache_dtype``)."""
+    writer for ``isa``, the probed layout, the dense prefix copies, masked attention) with
+    ``impl`` (the engine's layer impl, or a stub with ``num_heads``, ``head_size``, ``scale``,
+    ``kv_cache_dtype``)."""
     from lade_vllm.attention.cpu_tree import build_tree_plan
+    from lade_vllm.attention.dense_kv import DenseKV
     from lade_vllm.attention.kv_layout import _write, probe_layout
 
     layer = types.SimpleNamespace(isa=isa)
@@ -304,7 +306,12 @@ def cpu_tree_path(impl, isa: str) -> TreePath:
     def attend(b, layout, output):
         plan = build_tree_plan(layout, b.query_start_loc, b.seq_lens, b.block_table,
                                b.num_reqs, b.bs)
-        impl._tree_overwrite(layer, b.query, b.kv_cache, plan, output)
+        plan.req_keys = [f"lade-self-check-{i}" for i in range(plan.num_reqs)]
+        plan.starts = [0] * plan.num_reqs
+        try:
+            impl._tree_overwrite(layer, b.query, b.key, b.value, b.kv_cache, plan, output)
+        finally:
+            impl.__dict__.get("_lade_dense", DenseKV()).drop(plan.req_keys)
 
     def write(kv_cache, k, v, slots):
         _write(kv_cache, k.contiguous(), v.contiguous(), slots, isa, "auto")
