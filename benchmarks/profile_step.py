@@ -7,13 +7,16 @@ wall-clock timers, then prints milliseconds per engine step for each phase:
 
 Phases (vLLM 0.32 GPUModelRunner, nested ones indented):
   execute_model      whole forward part of a step (inputs + model)
-    prepare_inputs   _prepare_inputs (incl. lade before_forward: positions, tree masks)
+    prepare_inputs   _prepare_inputs
+      lade_before_forward  LadeRunnerAdapter.before_forward (positions, tree masks)
     model_forward    _model_forward (all layers, attention included)
       attention      the attention backend's forward, summed over layers
   sample_tokens      sampler/verification, bookkeeping and the next proposal
     sample           _sample (vLLM's RejectionSampler + lade verify)
       lade_verify    LadeRunnerAdapter.verify (tree verification, pool/window update, KV move)
     lade_propose     LadeRunnerAdapter.propose (pool lookup, window, tree build)
+
+``--cprofile PREFIX`` also profiles lade's three hooks (cProfile, only while they run).
 """
 from __future__ import annotations
 
@@ -35,16 +38,23 @@ sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
 
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
+PROFILER = None   # cProfile.Profile over lade's hooks only (--cprofile)
 
 
 def _timed(cls, attr: str, name: str) -> None:
     original = getattr(cls, attr)
 
+    profiled = name.startswith("lade_")
+
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
+        if profiled and PROFILER is not None:
+            PROFILER.enable()
         try:
             return original(*args, **kwargs)
         finally:
+            if profiled and PROFILER is not None:
+                PROFILER.disable()
             TIMES[name] += time.perf_counter() - t
             CALLS[name] += 1
 
@@ -67,12 +77,13 @@ def instrument() -> None:
     _timed(LadeCPUAttentionImpl, "forward", "attention")
     _timed(LadeRunnerAdapter, "verify", "lade_verify")
     _timed(LadeRunnerAdapter, "propose", "lade_propose")
+    _timed(LadeRunnerAdapter, "before_forward", "lade_before_forward")
 
 
-ORDER = ["execute_model", "prepare_inputs", "model_forward", "attention", "sample_tokens",
-         "sample", "lade_verify", "lade_propose"]
-INDENT = {"prepare_inputs": 1, "model_forward": 1, "attention": 2, "sample": 1,
-          "lade_verify": 2, "lade_propose": 1}
+ORDER = ["execute_model", "prepare_inputs", "lade_before_forward", "model_forward", "attention",
+         "sample_tokens", "sample", "lade_verify", "lade_propose"]
+INDENT = {"prepare_inputs": 1, "lade_before_forward": 2, "model_forward": 1, "attention": 2,
+          "sample": 1, "lade_verify": 2, "lade_propose": 1}
 
 
 def main(argv=None) -> None:
@@ -89,6 +100,9 @@ def main(argv=None) -> None:
     ap.add_argument("--spec", help="JSON speculative config overriding the method's")
     ap.add_argument("--full", action="store_true",
                     help="lade methods build trees every step (adaptive policy off)")
+    ap.add_argument("--cprofile", metavar="PREFIX",
+                    help="write a cProfile of lade's hooks (propose, before_forward, verify) per "
+                         "method to PREFIX-<method>.pstats and print its top functions")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -99,6 +113,8 @@ def main(argv=None) -> None:
         cmd = [sys.executable, __file__, "--one", name] + [
             a for a in (argv if argv is not None else sys.argv[1:])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if args.cprofile:
+            print(proc.stderr[proc.stderr.find("   Ordered by"):][:6000])
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -109,12 +125,12 @@ def main(argv=None) -> None:
 
     print(f"\nms per engine step ({args.dtype}, max_num_seqs={args.batch}, "
           f"{'eager' if args.eager else 'compiled'})")
-    print(f"{'phase':<18}" + "".join(f"{n:>12}" for n, *_ in rows))
+    print(f"{'phase':<24}" + "".join(f"{n:>12}" for n, *_ in rows))
     for k in ["step"] + ORDER:
         label = "  " * INDENT.get(k, 0) + k
-        print(f"{label:<18}" + "".join(f"{per[k]:>12.2f}" for *_, per in rows))
-    print(f"{'tokens/step':<18}" + "".join(f"{r['tokens_per_step']:>12.2f}" for _, r, _ in rows))
-    print(f"{'tok/s':<18}" + "".join(f"{r['tok_s']:>12.1f}" for _, r, _ in rows))
+        print(f"{label:<24}" + "".join(f"{per[k]:>12.2f}" for *_, per in rows))
+    print(f"{'tokens/step':<24}" + "".join(f"{r['tokens_per_step']:>12.2f}" for _, r, _ in rows))
+    print(f"{'tok/s':<24}" + "".join(f"{r['tok_s']:>12.1f}" for _, r, _ in rows))
 
 
 def _profile_one(args) -> dict:
@@ -143,7 +159,16 @@ def _profile_one(args) -> dict:
     measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
     TIMES.clear()
     CALLS.clear()
+    global PROFILER
+    if args.cprofile:
+        import cProfile
+        PROFILER = cProfile.Profile()
     res = measure.generate(llm, name, ps, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    if PROFILER is not None:
+        import pstats
+        path = f"{args.cprofile}-{name}.pstats"
+        PROFILER.dump_stats(path)
+        pstats.Stats(path, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     steps = max(CALLS["execute_model"], 1)
     per = {k: 1000 * TIMES[k] / steps for k in ORDER}
     per["step"] = 1000 * res.seconds / steps
