@@ -4,7 +4,11 @@
     .venv/bin/python benchmarks/bench.py --batches 1,32 --methods vanilla,ngram,lade --prompts 8
 
 For every method, one engine (bf16, compiled, max_num_seqs = the largest batch) decodes MT-bench and
-HumanEval prompts greedily; "batch b" submits the prompts b at a time. Each repetition runs every
+HumanEval prompts greedily; "batch b" submits the prompts b at a time, each wave drained before the
+next (a burst: the wave ends with its slowest request, so a request that finishes early saves only
+its share of the later steps). ``--queue N`` instead submits N prompts at once to an engine of
+max_num_seqs b (one batch size only): the scheduler keeps the batch full from its queue, the
+steady state of a loaded server, where every request's speed-up is throughput. Each repetition runs every
 method once in turn (--repeat, default 3), so a slow spell of this shared machine hits all methods
 alike; the table gives tokens/s min / median / max and the same-repetition ratios. Reports tokens/s,
 tokens/step, speedup vs vanilla and vs ngram, step efficiency (speedup / tokens per step) and the
@@ -79,15 +83,19 @@ def run_method(name: str, args) -> list[dict]:
     for dataset in args.datasets.split(","):
         for b in batches:
             n = max(b, args.prompts) if b > 1 else args.prompts
+            wave = b
+            if args.queue:
+                n = wave = args.queue
             ps = prompts.load(dataset, n, llm.get_tokenizer())
             measure.generate(llm, name, ps[:b], SamplingParams(temperature=0.0, max_tokens=4))
             before = llm.collective_rpc("lade_policy")[0] if is_lade else {}
-            results = [measure.generate(llm, name, ps[i:i + b], sp) for i in range(0, n, b)]
+            results = [measure.generate(llm, name, ps[i:i + wave], sp) for i in range(0, n, wave)]
             after = llm.collective_rpc("lade_policy")[0] if is_lade else {}
             tokens = sum(r.num_tokens for r in results)
             seconds = sum(r.seconds for r in results)
             accepted = sum(r.accepted for r in results)
-            row = {"method": name, "dataset": dataset, "batch": b, "tokens": tokens,
+            row = {"method": name, "dataset": dataset, "batch": b, "queue": args.queue,
+                   "tokens": tokens,
                    "seconds": seconds, "tok_s": tokens / seconds,
                    "tokens_per_step": tokens / max(tokens - accepted, 1)}
             if b == 1:   # one request per step: seconds per engine step
@@ -196,8 +204,13 @@ def main(argv=None) -> None:
                     help="enforce_eager engines (no torch.compile: faster starts, slower steps)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="repetitions; each runs every method once, in order (interleaved)")
+    ap.add_argument("--queue", type=int, default=0, metavar="N",
+                    help="submit N prompts at once per cell (the batch kept full from the "
+                         "scheduler's queue) instead of waves of b; needs a single --batches value")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.queue and "," in args.batches:
+        ap.error("--queue needs a single --batches value (the engine's max_num_seqs)")
     if args.one:  # child process: vLLM cannot build a second engine in one process
         print("ROWS " + json.dumps(run_method(args.one, args)), flush=True)
         return
@@ -220,7 +233,8 @@ def main(argv=None) -> None:
     import vllm
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
     os.makedirs(RESULTS, exist_ok=True)
-    head = (f"bench {stamp} UTC: {args.dtype}, greedy, {args.max_tokens} new tokens, "
+    mode = f"{args.queue} prompts queued at once" if args.queue else "waves of b prompts"
+    head = (f"bench {stamp} UTC: {args.dtype}, greedy, {args.max_tokens} new tokens, {mode}, "
             f"vllm {vllm.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs; load average at end {os.getloadavg()[0]:.1f}")
     md = head + "\n\n" + table(rows) + "\n"
