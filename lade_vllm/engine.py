@@ -33,6 +33,7 @@ from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
 from lade_vllm.proposer import LookaheadState
 from lade_vllm.proposer.verify import verify_subtree
+from lade_vllm.step_cost import StepPeriod
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class LadeEngine:
         self.max_tree_len = max_tree_len
         self.pending: Proposal | None = None   # trees proposed for the next step
         self.step = StepContext()
+        self.period = StepPeriod()   # whole steps, proposal to proposal, for the policy
         # finished / resumed requests, told to the attention backend with the next tree layout
         self.kv_stale: set[str] = set()
 
@@ -169,8 +171,9 @@ class LadeEngine:
     def propose(self, batch: ProposeBatch) -> list[list[int]]:
         """Draft tokens per batch row (empty for rows without a tree this step)."""
         step = self.step
-        if step.t0 is not None:  # the step that just ended: tokens fed -> seconds
-            self.policy.observe_step(step.tokens, time.perf_counter() - step.t0, tree=step.tree)
+        seconds = self.period.step(time.perf_counter(), step.t0)
+        if seconds is not None:  # the step that just ended: tokens fed -> seconds
+            self.policy.observe_step(step.tokens, seconds, tree=step.tree)
             step.t0 = None
         live = set(batch.live)
         # requests the runner no longer holds: their slot and info go (a finished request whose

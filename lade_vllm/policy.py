@@ -346,7 +346,7 @@ class AdaptivePolicy:
         return self.explore_margin * max(min(1.0, 4.0 * self.explore_every / max(age, 1)), 1 / 3)
 
     def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
-        """A step that fed ``tokens`` tokens took ``seconds`` (model forward to next proposal);
+        """A step that fed ``tokens`` tokens took ``seconds`` (proposal to next proposal);
         ``tree``: some of its requests used tree attention."""
         typical = (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds, self.steps)
         # the budget earns a share of the step's typical time (its bucket's robust mean, the

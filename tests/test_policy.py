@@ -174,3 +174,17 @@ def test_warm_up_chains_are_cut_to_an_affordable_step():
     assert cuts and all(1 <= n < CHAIN_NODES for n in cuts)
     assert all(dear(32 + 32 * n) <= EXPLORE_COST * 1.1 * dear(32) for n in cuts)
     assert warm_up_cuts(1, 100, lambda t: 0.010 + 0.00001 * t) == [CHAIN_NODES] * 3
+
+
+def test_step_period_counts_the_gap_before_each_plan_and_not_idle_time():
+    from lade_vllm.step_cost import StepPeriod
+
+    p = StepPeriod()
+    assert p.step(0.0, None) is None                  # first proposal: no step ended yet
+    # proposal at 0, plan at 0.02 (scheduler), next proposal at 0.10: the step is 0.10
+    assert p.step(0.10, 0.02) == pytest.approx(0.10)
+    assert p.step(0.21, 0.13) == pytest.approx(0.11)  # gap 0.03, inside 0.08
+    # the engine sat idle 5 s before this plan: the gap counts as the median ordinary gap
+    assert p.step(5.40, 5.30) == pytest.approx(0.10 + 0.03)
+    assert p.step(5.50, None) is None                 # no step planned (nothing to measure)
+    assert p.step(5.60, 5.51) == pytest.approx(0.09 + 0.01)
