@@ -19,6 +19,7 @@ moves, emitted tokens) back into vLLM. One step:
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping
@@ -34,6 +35,11 @@ from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, 
 from lade_vllm.proposer import LookaheadState
 from lade_vllm.proposer.verify import verify_subtree
 from lade_vllm.step_cost import StepPeriod
+
+#: LADE_DENSE_KV=1: the CPU tree backend keeps per-layer dense copies of tree requests' prefix K/V
+#: between steps (lade_vllm.attention.dense_kv). Off by default: with it the soak test's memory
+#: grew 92 MiB from round 5 to 10 (bound 64) in one of three CI runs.
+DENSE_KV = os.environ.get("LADE_DENSE_KV", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,8 @@ class LadeEngine:
         prop = ctx.proposal
         if prop is None:
             return ctx
-        plan, layout = StepPlan(), TreeLayout(req_indices=[], tree_masks=[], req_keys=[])
+        plan = StepPlan()
+        layout = TreeLayout(req_indices=[], tree_masks=[], req_keys=[] if DENSE_KV else None)
         for k, req_id in enumerate(prop.req_ids):
             i = sched.index_of.get(req_id)
             drafts = sched.drafts.get(req_id)
@@ -294,7 +301,8 @@ class LadeEngine:
             if not np.array_equal(depth, np.arange(n)):
                 layout.req_indices.append(i)
                 layout.tree_masks.append(ancestor_mask(prop.parent[k][:n]))
-                layout.req_keys.append(req_id)
+                if layout.req_keys is not None:
+                    layout.req_keys.append(req_id)
             self._count_nodes(ctx, req_id, n, prop.num_trie[k])
             plan.add(i, k, n, n == len(mine) + 1, start)
         if layout.req_indices:   # the backend's dense K/V copies of these requests go
