@@ -279,7 +279,8 @@ class LadeEngine:
                                       tokens=int(sched.total_tokens))
         if sched.finished:
             self.release(sched.finished)
-        self.kv_stale.update(sched.finished, sched.resumed)
+        if DENSE_KV:   # else no copies exist and the set would only grow
+            self.kv_stale.update(sched.finished, sched.resumed)
         prop = ctx.proposal
         if prop is None:
             return ctx

@@ -13,11 +13,11 @@ What is subclassed / overridden (vllm 0.32.0, paths under ``vllm/``):
   - ``CPUAttentionBackendImpl.forward``: super().forward() runs
     vLLM's kernel ``ops.cpu_attention_with_kv_cache`` for the whole
     batch (exact for non-tree rows), then the rows of tree requests are
-    overwritten with a dense masked attention over the request's prefix K/V
-    (a per-layer dense copy extended by the tokens committed since its last
-    tree step, :mod:`lade_vllm.attention.dense_kv`; gathered whole from the
-    paged cache when there is none) and the step's own K/V (the layer's
-    ``key``/``value`` inputs). The cache element order is probed, not assumed
+    overwritten with a dense masked attention over the request's K/V gathered
+    from the paged cache (or, when the layout names its requests, opt-in
+    ``LADE_DENSE_KV=1``: a per-layer dense copy of the prefix extended by the
+    tokens committed since its last tree step, :mod:`lade_vllm.attention.dense_kv`,
+    plus the step's own K/V from the layer's ``key``/``value`` inputs). The cache element order is probed, not assumed
     (:mod:`lade_vllm.attention.kv_layout`); the ISA is ``layer.isa`` as set by
     ``CPUAttentionMetadataBuilder._set_isa_to_layers``.
 - ``v1/attention/backends/registry.py``: ``register_backend(backend,
