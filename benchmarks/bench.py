@@ -107,7 +107,7 @@ def run_method(name: str, args) -> list[dict]:
                 row["ms_per_step"] = 1000 * seconds / max(steps, 1)
                 row["levels"] = [a - b_ for a, b_ in zip(after["history"], before["history"])]
                 row["chain_len"] = after.get("chain_len")
-                row["cost_ms"] = {k: after.get(k) for k in ("plain_ms", "tree_ms")}
+                row["cost_ms"] = {k: after.get(k) for k in ("plain_ms", "chain_ms", "tree_ms")}
             rows.append(row)
             print(f"  [{name}] {dataset} batch {b}: {row['tok_s']:.1f} tok/s, "
                   f"{row['tokens_per_step']:.2f} tokens/step", file=sys.stderr, flush=True)

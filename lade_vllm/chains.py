@@ -19,8 +19,8 @@ length L_c, and a record holds chains of requests with a context match only: the
 matches before asking for a level and passes their number M_c per class; the other requests of a
 CHAIN step decode plainly in it, and a step with no match is an OFF step (so text that rarely
 repeats itself costs the chain nothing and does not dilute its record). CHAIN is scored as
-(R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the plain
-cost curve; each class present in the step takes the L_c that maximises that score (the others at
+(R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the chain
+steps' cost curve; each class present in the step takes the L_c that maximises that score (the others at
 theirs; L_c = 0: the class's requests decode plainly, e.g. weak one-token matches at batch 32 on a
 CPU), changed only for a predicted gain above the policy's ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
 chain step runs each present class one cost bucket longer, the next one shorter, so the

@@ -88,6 +88,7 @@ class StepContext:
     t0: float | None = None                # when the step's inputs were planned
     tokens: int = 0                        # tokens the step feeds
     tree: bool = False                     # the step uses tree attention
+    drafts: bool = False                   # some request has drafts scheduled
 
 
 @dataclass
@@ -179,7 +180,7 @@ class LadeEngine:
         step = self.step
         seconds = self.period.step(time.perf_counter(), step.t0)
         if seconds is not None:  # the step that just ended: tokens fed -> seconds
-            self.policy.observe_step(step.tokens, seconds, tree=step.tree)
+            self.policy.observe_step(step.tokens, seconds, tree=step.tree, drafts=step.drafts)
             step.t0 = None
         live = set(batch.live)
         # requests the runner no longer holds: their slot and info go (a finished request whose
@@ -276,7 +277,8 @@ class LadeEngine:
         """The step's context: which pending trees were scheduled as proposed, their positions
         and masks. Requests whose scheduled drafts are not our tree decode as a causal chain."""
         ctx = self.step = StepContext(proposal=self.pending, t0=time.perf_counter(),
-                                      tokens=int(sched.total_tokens))
+                                      tokens=int(sched.total_tokens),
+                                      drafts=any(sched.drafts.values()))
         if sched.finished:
             self.release(sched.finished)
         if DENSE_KV:   # else no copies exist and the set would only grow

@@ -30,10 +30,14 @@ where R is the number of lookahead requests, ``base`` the other requests' tokens
   tokens never cost less and a bucket of few samples bends the curve little. Between buckets the
   curve is interpolated; beyond them it is extrapolated linearly from the largest bucket at most
   half the last one's size, with the rise less one standard error (a rise within the noise
-  extrapolates flat: a bigger tree gets measured rather than condemned by noise). Steps with tree
-  attention (LOOKUP, FULL) and steps without (OFF, CHAIN) have separate curves: a tree query
-  attends to the whole prefix outside vLLM's kernel, so the same token count costs more. Until
-  the tree curve spans 2x in tokens it grows beyond its largest bucket as the plain curve does;
+  extrapolates flat: a bigger tree gets measured rather than condemned by noise). Three kinds of
+  step have separate curves: plain steps (OFF: no drafts), chain steps (drafts through vLLM's
+  causal kernel) and tree steps (LOOKUP, FULL: tree attention outside vLLM's kernel). A step with
+  drafts costs more than a plain step of the same token count (rejection sampling, the draft
+  bookkeeping; at batch 32 with a few drafts in the batch ~6%), which one shared curve would hide
+  whenever both fall in one bucket. Outside the range a chain or tree curve has measured (and
+  above it until it spans 2x in tokens) it follows the plain curve's shape: its cost at the
+  nearest measured end times plain(T) / plain(end);
 - ``tokens_per_step(level)`` and ``nodes(level)``: the mean of the level's recent observations
   (values bounded by the tree size, so a mean is safe and, unlike a median, unbiased for
   integer-valued steps); priors below until measured; OFF is exactly 1 token and 0 nodes.
@@ -115,7 +119,8 @@ class AdaptivePolicy:
         self.enabled = enabled
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
-        self.cost_plain = StepCostModel()   # OFF and CHAIN steps: vLLM's causal kernel
+        self.cost_plain = StepCostModel()   # OFF steps: no drafts
+        self.cost_chain = StepCostModel()   # CHAIN steps: drafts through vLLM's causal kernel
         self.cost_tree = StepCostModel()    # LOOKUP and FULL steps: tree attention
         self.tokens = [_LevelMean(PRIOR_TOKENS[lv], fixed=lv == OFF) for lv in LEVELS]
         chain = lookup_nodes if chain_nodes is None else chain_nodes
@@ -152,20 +157,30 @@ class AdaptivePolicy:
     def chain_len(self, length: int) -> None:   # every class's chains cut to ``length``
         self.cut = [int(length)] * CHAIN_CLASSES
 
+    def _model(self, level: int) -> StepCostModel:
+        if level in TREE_LEVELS:
+            return self.cost_tree
+        return self.cost_chain if level == CHAIN else self.cost_plain
+
     def cost(self, level: int, tokens: float) -> float:
         """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
-        plain, tree = self.cost_plain, self.cost_tree
-        if level not in TREE_LEVELS or not tree.known():
-            return plain(tokens)   # before any tree step was timed: the plain curve
-        top = tree.top()
-        if tokens <= top or tree.spans() or not plain.known():
-            return tree(tokens)
-        # beyond a narrow tree curve: grow as the plain curve does from the same token count
-        return tree(top) * plain(tokens) / plain(top)
+        plain, model = self.cost_plain, self._model(level)
+        if model is plain or not model.known():
+            return plain(tokens)   # before any such step was timed: the plain curve
+        if not plain.known():
+            return model(tokens)
+        lo, hi = model.bottom(), model.top()
+        if tokens > hi and not model.spans():
+            end = hi
+        elif tokens < lo:
+            end = lo
+        else:
+            return model(tokens)
+        # outside the measured range: as the plain curve grows from the nearest measured end
+        return model(end) * plain(tokens) / plain(end)
 
     def _cost_se(self, level: int, tokens: float) -> float:
-        model = self.cost_tree if level in TREE_LEVELS else self.cost_plain
-        return model.se(tokens)
+        return self._model(level).se(tokens)
 
     def estimate(self, level: int, num_reqs: int, base_tokens: int) -> _Estimate:
         if level == CHAIN:
@@ -193,7 +208,7 @@ class AdaptivePolicy:
                 extra += m * (t - 1.0)
                 drafts += m * n
         tokens = base_tokens + num_reqs + drafts
-        cost = self.cost(CHAIN, tokens)
+        cost = self.cost(CHAIN if drafts else OFF, tokens)   # no drafts: a plain step
         se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se) if drafts else 0.0
         return _Estimate((num_reqs + extra) / cost, cost, se)
 
@@ -204,7 +219,7 @@ class AdaptivePolicy:
             lengths = self.best[:c] + [n] + self.best[c + 1:]
             drafts = sum(m * self._per_chain(k, lengths[k])[1]
                          for k, m in enumerate(self.matched) if m)
-            return self.cost_plain._bucket(base_tokens + num_reqs + drafts)
+            return self.cost_chain._bucket(base_tokens + num_reqs + drafts)
         here, n, step = bucket(self.best[c]), self.best[c], 1 if up else -1
         while 1 <= n + step <= self.chains[c].max_len:
             n += step
@@ -345,10 +360,12 @@ class AdaptivePolicy:
         # (one full-tree step at batch 32 costs as much as ~20 plain steps)
         return self.explore_margin * max(min(1.0, 4.0 * self.explore_every / max(age, 1)), 1 / 3)
 
-    def observe_step(self, tokens: int, seconds: float, tree: bool = False) -> None:
+    def observe_step(self, tokens: int, seconds: float, tree: bool = False,
+                     drafts: bool = False) -> None:
         """A step that fed ``tokens`` tokens took ``seconds`` (proposal to next proposal);
-        ``tree``: some of its requests used tree attention."""
-        typical = (self.cost_tree if tree else self.cost_plain).observe(tokens, seconds, self.steps)
+        ``tree``: some of its requests used tree attention; ``drafts``: some had drafts."""
+        model = self.cost_tree if tree else self.cost_chain if drafts else self.cost_plain
+        typical = model.observe(tokens, seconds, self.steps)
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical

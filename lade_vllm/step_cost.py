@@ -188,6 +188,10 @@ class StepCostModel:
         self.curve()
         return self._curve[2]
 
+    def bottom(self) -> float:
+        """Token count of the smallest measured bucket."""
+        return self.RATIO ** self.buckets[min(self.buckets)].x
+
     def top(self) -> float:
         """Token count of the largest measured bucket."""
         return self.RATIO ** self.buckets[max(self.buckets)].x

@@ -26,7 +26,8 @@ def simulate(cost, num_reqs, steps=800, seed=0):
         level = pol.choose(num_reqs, 0)
         fed = num_reqs * (1 + NODES[level])
         dt = step_cost(cost, level, fed) * rng.uniform(0.9, 1.1)          # noisy machine
-        pol.observe_step(fed, dt, tree=level in TREE_LEVELS)
+        pol.observe_step(fed, dt, tree=level in TREE_LEVELS,
+                                  drafts=level != OFF)
         if level != OFF:
             pol.observe_level(level, TOKENS[level], NODES[level])
         tokens_out += num_reqs * TOKENS[level]
@@ -102,20 +103,33 @@ def test_one_slow_step_does_not_condemn_a_level():
         level = pol.choose(1, 0)
         fed = 1 + NODES[level]
         dt = step_cost(cost, level, fed) * (10.0 if step < 3 else 1.0)  # spikes while warming up
-        pol.observe_step(fed, dt, tree=level in TREE_LEVELS)
+        pol.observe_step(fed, dt, tree=level in TREE_LEVELS,
+                                  drafts=level != OFF)
         if level != OFF:
             pol.observe_level(level, TOKENS[level], NODES[level])
     last = [a - b for a, b in zip(pol.history, before)]
     assert last[OFF] < 0.2 * sum(last), (last, pol.history)
 
 
-def test_chain_steps_and_tree_steps_have_separate_costs():
+def test_plain_chain_and_tree_steps_have_separate_costs():
+    """A step with drafts costs more than a plain one of the same token count; outside the
+    range its own curve measured, a chain or tree curve grows as the plain one does."""
     pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+    assert pol.cost(CHAIN, 5) == pol.cost(OFF, 5)   # nothing timed: one (prior) curve
     for _ in range(5):
-        pol.observe_step(5, 0.020)
-        pol.observe_step(5, 0.030, tree=True)
-    assert pol.cost(CHAIN, 5) == pytest.approx(0.020)
+        for fed in (5, 10, 20, 40):
+            pol.observe_step(fed, 0.010 + 0.001 * fed)
+        pol.observe_step(5, 0.016, drafts=True)
+        pol.observe_step(5, 0.030, tree=True, drafts=True)
+    assert pol.cost(OFF, 5) == pytest.approx(0.015)
+    assert pol.cost(CHAIN, 5) == pytest.approx(0.016)
     assert pol.cost(LOOKUP, 5) == pytest.approx(0.030)
+    # beyond the single chain bucket: 0.016 x plain(20) / plain(5)
+    assert pol.cost(CHAIN, 20) == pytest.approx(0.016 * 0.030 / 0.015, rel=0.02)
+    for _ in range(5):
+        pol.observe_step(20, 0.032, drafts=True)
+    assert pol.cost(CHAIN, 2) == pytest.approx(0.016, rel=0.02)   # below: plain is flat there
+    assert pol.cost(CHAIN, 20) == pytest.approx(0.032)
 
 
 def test_plain_decoding_is_returned_to_without_a_noise_margin():
@@ -145,7 +159,8 @@ def test_warm_up_leaves_a_dear_tree_step_to_exploration():
         for _ in range(9):
             level = pol.choose(num_reqs, 0, matched=0)
             fed = num_reqs * (1 + (LOOKUP_NODES if level == LOOKUP else 0))
-            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS)
+            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS,
+                                             drafts=level != OFF)
         return pol.history
     assert warm_up(32, 2600, lambda t: 0.02 + 0.0015 * t)[LOOKUP] == 0
     assert warm_up(1, 100, lambda t: 0.010 + 0.00001 * t)[LOOKUP] == 3
@@ -167,7 +182,8 @@ def test_warm_up_chains_are_cut_to_an_affordable_step():
             if level == CHAIN:
                 cuts.append(pol.chain_len)
             fed = num_reqs + drafts
-            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS)
+            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS,
+                                             drafts=level != OFF)
         return cuts
     dear = lambda t: 0.07 + 0.0022 * t    # noqa: E731  (batch 32, fp32, 2 cores)
     cuts = warm_up_cuts(32, 2500, dear)

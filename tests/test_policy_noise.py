@@ -83,7 +83,8 @@ def simulate(scn: Scenario, seed: int, steps: int = STEPS, policy=None):
         nodes = NODES[level] - rng.randint(0, NODES[level] // 5)   # trees vary a little
         fed = r * (1 + nodes)
         true = scn.cost(level, fed)
-        pol.observe_step(fed, true * _noise(rng, kind), tree=level in TREE_LEVELS)
+        pol.observe_step(fed, true * _noise(rng, kind), tree=level in TREE_LEVELS,
+                                                        drafts=level != OFF)
         if level != OFF:
             extra = sum(rng.expovariate(1.0) for _ in range(r)) / r   # mean 1, skewed
             pol.observe_level(level, 1.0 + (scn.tokens[level] - 1.0) * extra, nodes)
@@ -139,7 +140,7 @@ def test_exploration_cost_is_bounded():
 
 def _footprint(pol: AdaptivePolicy) -> list[int]:
     """Sizes of everything the policy keeps per step: buckets and all their samples, levels."""
-    models = (pol.cost_plain, pol.cost_tree)
+    models = (pol.cost_plain, pol.cost_chain, pol.cost_tree)
     return ([len(m.buckets) for m in models]
             + [sum(len(b.samples) for b in m.buckets.values()) for m in models]
             + [len(e.samples) for e in pol.tokens + pol.nodes]
@@ -153,16 +154,17 @@ def test_memory_is_bounded():
                          explore_margin=0.0)
     rng = random.Random(0)
     per_curve = HORIZON + TRIM_EVERY + MAX_BUCKETS * MIN_KEEP
-    limits = [MAX_BUCKETS] * 2 + [per_curve] * 2 + [LEVEL_WINDOW] * 8 + [4, 4]
+    limits = [MAX_BUCKETS] * 3 + [per_curve] * 3 + [LEVEL_WINDOW] * 8 + [4, 4]
     for step in range(1, 5001):
         level = pol.choose(8, 0)
         fed = 8 * (1 + NODES[level])
         if rng.random() < 0.3:   # now and then a token count anywhere up to ~10^9: new buckets
             fed = int(fed * math.exp(rng.uniform(0, 16)))
         pol.observe_step(fed, 1e-6 * fed ** 0.5 * _noise(rng, "lognormal"),
-                         tree=level in TREE_LEVELS)
+                         tree=level in TREE_LEVELS,
+                         drafts=level != OFF)
         pol.observe_level(level, 1.0 + rng.random(), NODES[level])
         if step % 1000 == 0:
             sizes = _footprint(pol)
             assert all(n <= cap for n, cap in zip(sizes, limits)), (step, sizes, limits)
-    assert sizes[:2] == [MAX_BUCKETS] * 2, sizes   # the bucket cap was reached, and held
+    assert sizes[:3] == [MAX_BUCKETS] * 3, sizes   # the bucket cap was reached, and held

@@ -66,7 +66,8 @@ class ForwardCounter:
         # step cost against tokens fed: per bucket, where its samples lie -> robust mean ms
         costs = {name: {round(m.RATIO ** e.x, 1): round(e.value * 1000, 2)
                         for _, e in sorted(m.buckets.items())}
-                 for name, m in (("plain_ms", pol.cost_plain), ("tree_ms", pol.cost_tree))}
+                 for name, m in (("plain_ms", pol.cost_plain), ("chain_ms", pol.cost_chain),
+                                  ("tree_ms", pol.cost_tree))}
         return {"stats": dict(driver.stats), "history": list(pol.history),
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
                 # per level: its tokens estimate comes from observed steps (not the prior)
@@ -83,7 +84,8 @@ class ForwardCounter:
         from lade_vllm.attention import kv_layout
         from lade_vllm.proposer import tree
         engine, pol = driver.engine, driver.policy
-        buckets = [b for m in (pol.cost_plain, pol.cost_tree) for b in m.buckets.values()]
+        buckets = [b for m in (pol.cost_plain, pol.cost_chain, pol.cost_tree)
+                   for b in m.buckets.values()]
         return {"slots": len(engine.slot_of), "request_infos": len(engine.requests),
                 "free_slots": len(engine.free_slots), "capacity": engine.state.max_seqs,
                 "capped_slots": len(engine.capped_slots),
