@@ -86,6 +86,16 @@ class ChainDepths:
         return sum((self.drafted[d] + 1.0) / (self.cut[d] + 1.0)
                    for d in range(1, min(length, self.max_len) + 1))
 
+    def table(self) -> tuple[list[float], list[float]]:
+        """``tokens(L)`` and ``nodes(L)`` for every L = 0..max_len, in one pass."""
+        tokens, nodes = [1.0], [0.0]
+        p = 1.0
+        for d in range(1, self.max_len + 1):
+            p *= (self.accepted[d] + CHAIN_PRIOR) / (self.reached[d] + 1.0)
+            tokens.append(tokens[-1] + p)
+            nodes.append(nodes[-1] + (self.drafted[d] + 1.0) / (self.cut[d] + 1.0))
+        return tokens, nodes
+
 
 def group_by_class(values: list, classes: list[int] | None) -> dict[int, list]:
     """``values`` per request, grouped by the requests' match classes (None: all the top one)."""

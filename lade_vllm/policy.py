@@ -230,14 +230,22 @@ class AdaptivePolicy:
     def _pick_chain(self, num_reqs: int, base_tokens: int) -> None:
         """Per class with matches this step: the chain length of the highest predicted
         throughput (the other classes at theirs), kept unless another beats it by more than
-        CHAIN_SWITCH."""
+        CHAIN_SWITCH. Scores as ``_chain_estimate``, from each class's table of every length."""
         for c, m in enumerate(self.matched):
             if not m or not self.chains[c].steps:
                 continue
-            scores = {n: self._chain_estimate(self.best[:c] + [n] + self.best[c + 1:],
-                                              num_reqs, base_tokens).score
-                      for n in range(0, self.chains[c].max_len + 1)}   # 0: the class decodes plain
-            best = max(scores, key=lambda n: (scores[n], -n))
+            extra = drafts = 0.0   # the other classes at their lengths
+            for k, mk in enumerate(self.matched):
+                if mk and k != c:
+                    t, n = self._per_chain(k, self.best[k])
+                    extra, drafts = extra + mk * (t - 1.0), drafts + mk * n
+            tokens, nodes = self.chains[c].table()
+            scores = []
+            for t, n in zip(tokens, nodes):   # length 0: the class decodes plain
+                d = drafts + m * n
+                cost = self.cost(CHAIN if d else OFF, base_tokens + num_reqs + d)
+                scores.append((num_reqs + extra + m * (t - 1.0)) / cost)
+            best = max(range(len(scores)), key=lambda n: (scores[n], -n))
             if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
                 self.best[c] = best
 
