@@ -44,6 +44,7 @@ METHODS = {
     # vLLM's suffix decoding (needs arctic-inference: `make arctic` builds it into .venv/arctic)
     "suffix": {"method": "suffix"},
     "lade": "lade",                                   # defaults, adaptive policy on
+    "lade-norecycle": {"method": "lade", "recycle": False},   # no recycled-successor chains
     "lade-full": {"method": "lade", "adaptive": False},   # W7/N5/G7, every step a full tree
     "lade-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3, "guess_set_size": 2,
                     "adaptive": False},

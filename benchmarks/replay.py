@@ -11,7 +11,8 @@ model returns there: fp32 greedy lade equals vanilla) and -1 elsewhere, so chain
 acceptance are exact; window rows get no real targets, so LOOKUP and FULL are undervalued. Each
 step takes ``1 + cost * (T - 1)`` time units for T tokens fed (``TREE_FACTOR`` times that with tree
 attention), times lognormal noise, and the policy is fed that as the step's time. vLLM's ngram
-(k=5, matches of 2-4 tokens, earliest occurrence) is replayed the same way. Hundreds of prompts
+(k=5, matches of 2-4 tokens, earliest occurrence) is replayed the same way, and lade with and
+without recycled successors (``recycle``). Hundreds of prompts
 compare candidate sources and policies in seconds, without this machine's run-to-run drift.
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def replay_lade(data, cost: float, seed: int, config=None) -> tuple[float, float
     real_clock = engine_mod.time.perf_counter
     engine_mod.time.perf_counter = lambda: clock[0]   # the policy times steps by this clock
     try:
-        eng = LadeEngine(config or LadeConfig(), max_seqs=2)
+        vocab = 1 + max(max(max(p), max(o)) for p, o in data)
+        eng = LadeEngine(config or LadeConfig(), max_seqs=2, vocab_size=vocab)
         steps = tokens = units = 0.0
         for i, (prompt, out) in enumerate(data):
             rid, full = f"r{i}", np.array(list(prompt) + list(out), dtype=np.int64)[None, :]
@@ -145,10 +147,12 @@ def main(argv=None) -> None:
     for ds, runs in data.items():
         ts, speed = replay_ngram(runs, args.cost)
         print(f"{ds:10s} ngram   {ts:11.3f}  {speed:.3f}")
-        res = [replay_lade(runs, args.cost, seed) for seed in range(args.seeds)]
-        speeds = sorted(r[1] for r in res)
-        print(f"{ds:10s} lade    {res[0][0]:11.3f}  {speeds[0]:.3f} / "
-              f"{speeds[len(speeds) // 2]:.3f} / {speeds[-1]:.3f}  {res[0][2]}")
+        from lade_vllm.config import LadeConfig
+        for name, cfg in (("lade", LadeConfig()), ("norecycle", LadeConfig(recycle=False))):
+            res = [replay_lade(runs, args.cost, seed, cfg) for seed in range(args.seeds)]
+            speeds = sorted(r[1] for r in res)
+            print(f"{ds:10s} {name:9s} {res[0][0]:9.3f}  {speeds[0]:.3f} / "
+                  f"{speeds[len(speeds) // 2]:.3f} / {speeds[-1]:.3f}  {res[0][2]}")
 
 
 if __name__ == "__main__":

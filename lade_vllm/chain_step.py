@@ -1,39 +1,58 @@
-"""A CHAIN step without a tree (no vLLM import): each request's context match, cut to its match
-class's length, laid out as a chain (depth = index, parent = index - 1), walked to the first
-mismatch and reported to the policy. The lookahead state is left alone: the slots catch up on the
-committed tokens when trees resume, as after plain steps."""
+"""A CHAIN step without a tree (no vLLM import): each request's context match (or, without one,
+its chain of recycled successors), cut to its chain class's length, laid out as a chain (depth =
+index, parent = index - 1), walked to the first mismatch and reported to the policy. The
+lookahead state is left alone: the slots catch up on the committed tokens when trees resume, as
+after plain steps."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lade_vllm.chains import CHAIN_CLASSES, match_class
+from lade_vllm.chains import CHAIN_CLASSES, RECYCLED, match_class
 from lade_vllm.policy import CHAIN
 from lade_vllm.proposal import Proposal, StepPlan
 
 
-def count_matches(match_len: list[int]) -> list[int]:
-    """Requests with a context match, per match class."""
+def chain_candidates(suffix, recycled: np.ndarray | None) -> tuple[np.ndarray, list[int | None]]:
+    """Per request its chain candidate ``[B, K]`` (-1 padded) and chain class (None: nothing to
+    draft): the context match (``suffix``: candidates, match lengths) by its match length, else
+    the recycled successors' chain (``recycled`` [B, K'] or None) as class ``RECYCLED``."""
+    cands, match_len = suffix[0].numpy(), suffix[1].tolist()
+    classes: list[int | None] = [match_class(n) if n else None for n in match_len]
+    if recycled is not None:
+        rec = recycled
+        free = [b for b, c in enumerate(classes) if c is None and rec[b, 0] >= 0]
+        if free:
+            cands = cands.copy()
+            k = min(cands.shape[1], rec.shape[1])
+            cands[free] = -1
+            cands[free, :k] = rec[free, :k]
+            for b in free:
+                classes[b] = RECYCLED
+    return cands, classes
+
+
+def count_matches(classes: list[int | None]) -> list[int]:
+    """Requests with a chain candidate, per chain class."""
     counts = [0] * CHAIN_CLASSES
-    for n in match_len:
-        if n:
-            counts[match_class(n)] += 1
+    for c in classes:
+        if c is not None:
+            counts[c] += 1
     return counts
 
 
-def propose_chains(req_ids, slots: torch.Tensor, lasts: torch.Tensor, suffix, cut: list[int],
-                   slot_cap: torch.Tensor) -> Proposal:
-    """Per request its match (``suffix``: candidates [B, K], match lengths [B]) cut to
-    ``cut[class]`` and to the request's own cap ``slot_cap`` [B]."""
-    suf, match_len = suffix[0].numpy(), suffix[1].tolist()
-    classes = [match_class(n) for n in match_len]
-    cap = torch.minimum(slot_cap, torch.tensor([cut[c] for c in classes]))
-    lengths = np.minimum((suf >= 0).sum(1), cap.numpy()).tolist()  # a match: a -1 padded prefix
-    drafts = [suf[b, :m].tolist() for b, m in enumerate(lengths)]
+def propose_chains(req_ids, slots: torch.Tensor, lasts: torch.Tensor, cands: np.ndarray,
+                   classes: list[int | None], cut: list[int], slot_cap: torch.Tensor) -> Proposal:
+    """Per request its chain candidate (``cands`` [B, K], -1 padded; ``classes``: its chain
+    class, None: no candidate) cut to ``cut[class]`` and to the request's own cap ``slot_cap``."""
+    cap = torch.minimum(slot_cap, torch.tensor([cut[c] if c is not None else 0 for c in classes]))
+    lengths = np.minimum((cands >= 0).sum(1), cap.numpy()).tolist()  # a -1 padded prefix
+    drafts = [cands[b, :m].tolist() for b, m in enumerate(lengths)]
     steps = [np.arange(m + 1) for m in lengths]
     return Proposal(req_ids, slots, lasts, None, drafts, order=steps,
                     parent=[a - 1 for a in steps], depth=steps, num_trie=lengths,
-                    level=CHAIN, tree_args={"cand_len": cap, "classes": classes})
+                    level=CHAIN, tree_args={"cand_len": cap,
+                                            "classes": [c or 0 for c in classes]})
 
 
 def walk_chain(drafts: list[int], target: list[int]) -> tuple[list[int], list[int]]:

@@ -4,7 +4,9 @@ import).
 A CHAIN step drafts each request's context match (lade_vllm.proposer.suffix). How far a match's
 continuation is accepted depends on how long the match was: a one-token match is a weak guess, a
 match of 3+ tokens is usually copied text. So chains are recorded per match class (matched on 1,
-2, or 3 or more tokens), each class with its own :class:`ChainDepths` and its own chain length.
+2, or 3 or more tokens), each class with its own :class:`ChainDepths` and its own chain length. A
+request without a context match may draft the chain of recycled successors instead
+(lade_vllm.proposer.recycle): a fourth class, ``RECYCLED``, with its own record and length.
 
 How the policy (lade_vllm.policy.AdaptivePolicy) uses the records.
 The chain's length. A chain truncated to L drafts delivers, per request, 1 + sum over d <= L of
@@ -29,14 +31,17 @@ this step's chains are cut to (``best``, or a probe's).
 """
 from __future__ import annotations
 
-CHAIN_CLASSES = 3     # chain records per context match length: 1, 2, 3 or more tokens
+MATCH_CLASSES = 3     # chain records per context match length: 1, 2, 3 or more tokens
+TOP_MATCH = MATCH_CLASSES - 1   # matches of 3+ tokens (the only class when none is given)
+RECYCLED = MATCH_CLASSES        # no context match: the chain of recycled successors
+CHAIN_CLASSES = MATCH_CLASSES + 1
 CHAIN_DECAY = 1 / 256  # a chain depth's counts decay by this per step observing that depth
 CHAIN_PRIOR = 0.5     # acceptance assumed at a depth never observed (weight of one chain)
 
 
 def match_class(match_len: int) -> int:
     """The chain record of a match on ``match_len`` tokens (the top class for longer ones)."""
-    return min(max(int(match_len), 1), CHAIN_CLASSES) - 1
+    return min(max(int(match_len), 1), MATCH_CLASSES) - 1
 
 
 class ChainDepths:
@@ -100,7 +105,7 @@ class ChainDepths:
 def group_by_class(values: list, classes: list[int] | None) -> dict[int, list]:
     """``values`` per request, grouped by the requests' match classes (None: all the top one)."""
     if classes is None:
-        return {CHAIN_CLASSES - 1: list(values)} if values else {}
+        return {TOP_MATCH: list(values)} if values else {}
     out: dict[int, list] = {}
     for v, c in zip(values, classes):
         out.setdefault(int(c), []).append(v)

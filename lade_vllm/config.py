@@ -28,6 +28,9 @@ class LadeConfig:
     #: K: tokens of the context suffix-match candidate (prompt lookup over prompt + output,
     #: longest match of 2-8 tokens, earliest occurrence); 0 = no such candidate.
     suffix_tokens: int = 8
+    #: Requests without a context match may draft the chain of the model's latest predictions
+    #: after each token (recycled from earlier verifications; lade_vllm.proposer.recycle).
+    recycle: bool = True
     #: Seed the pool with the prompt's n-grams and add committed output n-grams as they appear.
     pool_from_prompt: bool = True
     #: Distinct keys kept per sequence pool (LRU); bounds pool memory.

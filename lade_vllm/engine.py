@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 from lade_vllm.attention import TreeLayout
-from lade_vllm.chain_step import count_matches, observe_chains, propose_chains, walk_chain
+from lade_vllm.chain_step import (chain_candidates, count_matches, observe_chains, propose_chains,
+                                  walk_chain)
 from lade_vllm.config import LadeConfig
-from lade_vllm.policy import CHAIN, FULL, LOOKUP, OFF, AdaptivePolicy
+from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
 from lade_vllm.proposer import LookaheadState
+from lade_vllm.proposer.recycle import Successors
 from lade_vllm.proposer.verify import verify_subtree
 from lade_vllm.step_cost import StepPeriod
 
@@ -102,13 +104,17 @@ class Accepted:
 class LadeEngine:
     """Lookahead state of one model runner: slots, per-request caps, the policy, the step."""
 
-    def __init__(self, cfg: LadeConfig, max_seqs: int, max_tree_len: int | None = None):
+    def __init__(self, cfg: LadeConfig, max_seqs: int, max_tree_len: int | None = None,
+                 vocab_size: int | None = None):
         self.cfg = cfg
         self.state = LookaheadState(max_seqs, cfg.window_size, cfg.ngram_size,
                                     cfg.guess_set_size, max_keys=cfg.pool_max_keys,
                                     pool_from_prompt=cfg.pool_from_prompt,
                                     suffix_tokens=cfg.suffix_tokens)
         self.slot_of: dict[str, int] = {}
+        # the model's latest prediction after each token (chains for requests without a match)
+        self.successors = Successors(vocab_size) if cfg.recycle and vocab_size else None
+        self.recycled_upto = np.zeros(max_seqs, dtype=np.int64)   # committed tokens recycled
         self.free_slots = list(range(max_seqs - 1, -1, -1))
         # committed tokens each slot's state has seen (catch-up after steps without a tree)
         self.synced = np.zeros(max_seqs, dtype=np.int64)
@@ -172,6 +178,8 @@ class LadeEngine:
             self.state.start(slot, torch.from_numpy(tokens.astype(np.int64)), seed=self.cfg.seed,
                              width=info.window_size)
             self.synced[slot] = tokens.shape[0]
+            # the first output token (the prefill's prediction after the prompt) is recycled
+            self.recycled_upto[slot] = max(tokens.shape[0] - 1, 1)
         return slot
 
     # ---- 1. propose -------------------------------------------------------------------------
@@ -195,16 +203,25 @@ class LadeEngine:
             return out
         self.stats["steps"] += 1
         contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
-        # the context matches are found first: at CHAIN only they draft, by match class
+        if self.successors is not None:
+            self._recycle_committed(rows, contexts)
+        # the chain candidates are found first (the context match, else the recycled
+        # successors): at CHAIN only they draft, by chain class
         suffix = self.state.suffix_match(contexts)   # (candidates [B, K], match lengths [B])
-        matched = None if suffix is None else count_matches(suffix[1].tolist())
+        chains = None
+        if suffix is not None:
+            lasts = np.array([r[3] for r in rows], dtype=np.int64)
+            recycled = None if self.successors is None else \
+                self.successors.chains(lasts, suffix[0].shape[1])
+            chains = chain_candidates(suffix, recycled)
+        matched = None if chains is None else count_matches(chains[1])
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
-        if level == CHAIN and suffix is not None:
-            _, req_ids, slots, lasts, _ = (list(x) for x in zip(*rows))
+        if level == CHAIN and chains is not None:
+            _, req_ids, slots, _, _ = (list(x) for x in zip(*rows))
             slots_t = torch.tensor(slots)
-            self.pending = prop = propose_chains(req_ids, slots_t, torch.tensor(lasts), suffix,
+            self.pending = prop = propose_chains(req_ids, slots_t, torch.from_numpy(lasts), *chains,
                                                  self.policy.cut, self.slot_cand_len[slots_t])
         else:
             self.pending = prop = self._build(rows, level, contexts, suffix)
@@ -383,6 +400,8 @@ class LadeEngine:
         are walked and observed by the policy."""
         plan = ctx.plan
         offsets = np.concatenate([[0], np.cumsum(plan.num_nodes)[:-1]]).astype(np.int64)
+        if self.successors is not None:
+            self._recycle(ctx, target, acceptable)
         emitted: dict[int, list[int]] = {}
         paths: dict[int, list[int]] = {}
         if ctx.proposal.tree is None:
@@ -403,6 +422,27 @@ class LadeEngine:
         moves = [(j, s, depth) for j in order for depth, s in enumerate(paths[j], start=1)
                  if s != depth]
         return Accepted([emitted[j] for j in order], [paths[j] for j in order], moves)
+
+    def _recycle_committed(self, rows: list[tuple], contexts: list[np.ndarray]) -> None:
+        """Each token committed since a request was last seen is the model's target after the
+        token before it (plain steps and requests without drafts included)."""
+        src, dst = [], []
+        for (_, _, slot, _, num), context in zip(rows, contexts):
+            upto = int(self.recycled_upto[slot])
+            if num > upto:
+                src.append(context[upto - 1:num - 1])
+                dst.append(context[upto:num])
+                self.recycled_upto[slot] = num
+        if src:
+            self.successors.update(np.concatenate(src), np.concatenate(dst))
+
+    def _recycle(self, ctx, target: torch.Tensor, acceptable: torch.Tensor) -> None:
+        """Each read row's target is the model's prediction after the row's input token."""
+        prop, plan = ctx.proposal, ctx.plan
+        tokens = np.array([t for k, n in zip(plan.prop_idx, plan.num_nodes)
+                           for t in [int(prop.last_tokens[k])] + prop.drafts[k][:n - 1]])
+        ok = acceptable.numpy()
+        self.successors.update(tokens[ok], target.numpy()[ok])
 
     def _commit(self, ctx, full, offsets, target, emitted, paths) -> None:
         """Commit the whole trees ``full`` (plan indices): verify, harvest, update the pool."""

@@ -76,7 +76,7 @@ exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: ev
 ``explore_every`` steps the least recently used other level runs (for tests). The choice never
 affects outputs, only speed.
 
-The chain's length: see lade_vllm.chains (one record and one length per context-match class;
+The chain's length: see lade_vllm.chains (one record and one length per chain class;
 ``cut`` holds the lengths this step's chains are cut to).
 
 Memory is bounded: at most ``MAX_BUCKETS`` buckets per cost curve (the least recently fed is
@@ -87,7 +87,7 @@ from __future__ import annotations
 
 import math
 
-from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR,  # noqa: F401
+from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR, TOP_MATCH,  # noqa: F401
                                ChainDepths, group_by_class, match_class)
 from lade_vllm.step_cost import (COST_WINDOW, HORIZON, MAX_BUCKETS, MIN_KEEP,  # noqa: F401
                                  PRIOR_SIGMA, TRIM_EVERY, UNMEASURED_SE, StepCostModel)
@@ -138,20 +138,20 @@ class AdaptivePolicy:
         self.best = [self.chains[0].max_len] * CHAIN_CLASSES
         self.cut = list(self.best)
         self.chain_steps = 0
-        self.matched = [0] * CHAIN_CLASSES    # this step's requests with a context match
+        self.matched = [0] * CHAIN_CLASSES    # this step's requests with a chain candidate
 
     # the top class (matches of 3+ tokens), the only one when the driver gives no classes
     @property
     def chain(self) -> ChainDepths:
-        return self.chains[-1]
+        return self.chains[TOP_MATCH]
 
     @property
     def best_chain(self) -> int:
-        return self.best[-1]
+        return self.best[TOP_MATCH]
 
     @property
     def chain_len(self) -> int:
-        return self.cut[-1]
+        return self.cut[TOP_MATCH]
 
     @chain_len.setter
     def chain_len(self, length: int) -> None:   # every class's chains cut to ``length``
@@ -266,14 +266,15 @@ class AdaptivePolicy:
 
     def choose(self, num_reqs: int, base_tokens: int, matched=None) -> int:
         """Level for a step with ``num_reqs`` lookahead requests and ``base_tokens`` other tokens;
-        ``matched``: per match class (lade_vllm.chains) how many of the requests have a context
-        match, the only ones that draft at CHAIN (an int: that many, all in the top class; None:
-        every request). CHAIN without a match is returned as OFF (the same step)."""
+        ``matched``: per chain class (lade_vllm.chains) how many of the requests have a chain
+        candidate, the only ones that draft at CHAIN (an int: that many, all in the top match
+        class; None: every request; a shorter list: the later classes have none). CHAIN with
+        nothing to draft is returned as OFF (the same step)."""
         self.steps += 1
         if matched is None or isinstance(matched, int):
             top = num_reqs if matched is None else max(0, min(int(matched), num_reqs))
-            matched = [0] * (CHAIN_CLASSES - 1) + [top]
-        self.matched = [int(m) for m in matched]
+            matched = [0] * TOP_MATCH + [top]
+        self.matched = [int(m) for m in matched] + [0] * (CHAIN_CLASSES - len(matched))
         warming = self.steps <= WARMUP_ROUNDS * 3   # the first steps cycle OFF, CHAIN, LOOKUP
         if not self.enabled:
             level = FULL

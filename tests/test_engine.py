@@ -33,8 +33,9 @@ def continuation(last, n):
 class Run:
     """Drives the engine step by step like vLLM's runner would."""
 
-    def __init__(self, prompts, cfg=None, caps=None, info=None):
-        self.engine = LadeEngine(cfg or LadeConfig(adaptive=False), max_seqs=8)
+    def __init__(self, prompts, cfg=None, caps=None, info=None, vocab_size=None):
+        self.engine = LadeEngine(cfg or LadeConfig(adaptive=False), max_seqs=8,
+                                 vocab_size=vocab_size)
         self.req_ids = list(prompts)
         self.tokens = np.zeros((len(prompts), 1024), dtype=np.int64)
         self.num = np.zeros(len(prompts), dtype=np.int64)
@@ -207,7 +208,7 @@ def test_requests_without_a_context_match_decode_plain_at_chain():
     asked, original = [], pol.choose
     pol.choose = lambda n, b, m=None: (asked.append((n, m)), original(n, b, m))[1]
     drafts = run.engine.propose(run.batch())
-    assert asked == [(2, [0, 1, 0])]          # "b" ends in 5, 38, seen before: a 2-token match
+    assert asked == [(2, [0, 1, 0, 0])]       # "b" ends in 5, 38, seen before: a 2-token match
     pol.choose = lambda n, b, m=None: pol_mod.CHAIN
     drafts = run.engine.propose(run.batch())
     assert drafts[0] == [] and drafts[1]      # "a": no earlier occurrence of any suffix
@@ -216,3 +217,53 @@ def test_requests_without_a_context_match_decode_plain_at_chain():
     assert fresh.choose(1, 0, matched=0) == pol_mod.OFF
     assert fresh.chain.steps == 0 and fresh.history[pol_mod.CHAIN] == 0
 
+
+
+def test_requests_without_a_match_draft_recycled_successors():
+    """Given the vocabulary size, the engine keeps the latest target of every verified row per
+    input token, engine-wide; a request without a context match drafts the chain of those
+    successors (chain class RECYCLED), verified like any chain. "b" repeats itself, so it drafts
+    context matches and fills the table; "a" never repeats within its context but runs through
+    the same tokens, so it drafts recycled chains, which the stand-in model (next token = f(last))
+    accepts. The text stays the model's continuation; without the vocabulary size nothing is
+    recycled."""
+    from lade_vllm import policy as pol_mod
+    from lade_vllm.chains import RECYCLED
+    prompts = {"a": [1, 2, 3, 9], "b": [18, 9, 26, 25, 18]}   # model: 9 26 25 18 9 ...
+    run = Run(prompts, cfg=LadeConfig(), vocab_size=V)
+    pol = run.engine.policy
+    pol.choose = lambda n, b, m=None: pol_mod.CHAIN
+    pol.chain_len = 3
+    classes = []
+    original = pol.observe_chain
+    pol.observe_chain = lambda d, a, cap, c=None: (classes.extend(c or []), original(d, a, cap, c))
+    run.step()                      # "a": nothing to draft yet; "b" drafts its context match
+    before = int(run.num[0])
+    emitted = run.step()            # "a" ends in 26, 25: no match, but "b" taught 25 -> 18 -> 9
+    assert RECYCLED in classes and len(emitted["a"]) == 4, (classes, emitted)
+    assert pol.chains[RECYCLED].steps >= 1
+    for _ in range(4):
+        run.step()
+    for i, (r, p) in enumerate(prompts.items()):
+        n = int(run.num[i])
+        assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r
+    assert int(run.num[0]) - before >= 4 * 5
+    plain = Run(prompts, cfg=LadeConfig())
+    assert plain.engine.successors is None
+
+
+def test_committed_tokens_are_recycled_after_plain_steps_too():
+    """Every token committed, by a plain step too, is the model's target after the token before
+    it: the table learns it at the next proposal (the prompt's own pairs are text, not
+    predictions, and stay out)."""
+    from lade_vllm import policy as pol_mod
+    prompts = {"a": [1, 2, 3, 9]}
+    run = Run(prompts, cfg=LadeConfig(), vocab_size=V)
+    run.engine.policy.choose = lambda n, b, m=None: pol_mod.OFF
+    for _ in range(3):
+        run.step()
+    run.engine.propose(run.batch())
+    table = run.engine.successors.table.tolist()
+    out = run.tokens[0, :int(run.num[0])].tolist()           # 1 2 3 9 | 26 25 18 9
+    assert [table[x] for x in out[3:-1]] == out[4:], (out, table)
+    assert table[1] == table[2] == -1 and table[3] == -1       # prompt pairs not recycled

@@ -72,7 +72,7 @@ class ForwardCounter:
                 "tokens": [e.value for e in pol.tokens], "nodes": [e.value for e in pol.nodes],
                 # per level: its tokens estimate comes from observed steps (not the prior)
                 "measured": [e.measured for e in pol.tokens],
-                "chain_len": pol.best_chain, **costs}
+                "chain_len": pol.best_chain, "chain_lens": list(pol.best), **costs}
 
     def lade_state_sizes(self) -> dict:
         """Sizes of every lade structure that could grow with traffic: per-request maps (slots,

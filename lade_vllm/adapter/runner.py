@@ -264,7 +264,8 @@ def install(runner, cfg: LadeConfig) -> LadeRunnerAdapter:
     # window then masks nothing); longer requests decode normally through vLLM's kernel
     window = runner.model_config.get_sliding_window()
     engine = LadeEngine(cfg, max_seqs=2 * runner.input_batch.max_num_reqs,
-                        max_tree_len=(int(window) - 2 - cfg.max_draft_nodes) if window else None)
+                        max_tree_len=(int(window) - 2 - cfg.max_draft_nodes) if window else None,
+                        vocab_size=runner.model_config.get_vocab_size())
     adapter = LadeRunnerAdapter(runner, engine)
     runner.drafter = LadeProposer(adapter)
     runner.rejection_sampler = LadeRejectionSampler(runner.sampler, adapter,

@@ -1,0 +1,49 @@
+"""Recycled successors: per token, the token the model predicted after it the last time a row had
+it as input (Token Recycling, arXiv 2408.08696, top-1). No vLLM import.
+
+Every verification computes a target for each row it reads (the root and the candidates'
+nodes): the argmax for greedy requests, a sample for sampled ones; every committed token is the
+target after the token before it, plain steps included. Those are free predictions; the table
+keeps, per input token, the latest one. A request with no context match drafts the chain
+``table[last]``, ``table[table[last]]``, ... (the policy's ``RECYCLED`` chain class decides
+whether and how long). One table per engine, shared by its requests: int32 ``[vocab + 1]`` (the
+last entry a -1 sentinel), 4 bytes per vocabulary entry, no growth. Plain numpy: a step touches a
+few entries, where a torch op's overhead would dominate.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Successors:
+    """``table[t]``: the latest target seen for a row whose input token was ``t`` (-1: none)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab = int(vocab_size)
+        self.table = np.full(self.vocab + 1, -1, dtype=np.int32)
+
+    def update(self, tokens: np.ndarray, targets: np.ndarray) -> None:
+        """Rows with input ``tokens`` [M] had ``targets`` [M]; later rows win on repeats."""
+        tokens, targets = np.asarray(tokens), np.asarray(targets)
+        v = self.vocab
+        ok = (tokens >= 0) & (tokens < v) & (targets >= 0) & (targets < v)
+        if not ok.all():
+            tokens, targets = tokens[ok], targets[ok]
+        if tokens.size > 1:   # the last row per token: first occurrence in the reversed rows
+            _, first = np.unique(tokens[::-1], return_index=True)
+            last = tokens.size - 1 - first
+            tokens, targets = tokens[last], targets[last]
+        self.table[tokens] = targets
+
+    def chains(self, lasts: np.ndarray, length: int) -> np.ndarray:
+        """``[B, length]`` int64: each row's chain of successors from ``lasts`` [B], -1 from the
+        first token without one."""
+        x = np.asarray(lasts, dtype=np.int64)
+        out = np.full((x.size, max(int(length), 0)), -1, dtype=np.int64)
+        v = self.vocab
+        x = np.where((x >= 0) & (x < v), x, v)      # v: the sentinel, whose successor is -1
+        for d in range(out.shape[1]):
+            x = self.table[x]
+            out[:, d] = x
+            x = np.where(x >= 0, x, v)
+        return out
