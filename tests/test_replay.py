@@ -19,7 +19,9 @@ def test_copied_text_speeds_up_and_novel_text_does_not_lose():
     replay = _replay()
     phrase = list(range(100, 140))
     copying = [(phrase + [7, 8], phrase * 3)] * 4               # the output repeats the prompt
-    novel = [(list(range(200, 230)), list(range(300, 396)))] * 4  # nothing ever repeats
+    # nothing ever repeats, not even across requests (the recycled successors are engine-wide)
+    novel = [(list(range(200 + 40 * i, 230 + 40 * i)), list(range(1000 + 100 * i, 1096 + 100 * i)))
+             for i in range(4)]
     ts, speed, levels = replay.replay_lade(copying, cost=0.03, seed=0)
     ng_ts, ng_speed = replay.replay_ngram(copying, cost=0.03)
     assert ts > 3.0 and speed > 2.0 and ng_ts > 3.0, (ts, speed, ng_ts, levels)
