@@ -139,6 +139,9 @@ class LadeEngine:
         self.pending: Proposal | None = None   # trees proposed for the next step
         self.step = StepContext()
         self.period = StepPeriod()   # whole steps, proposal to proposal, for the policy
+        self.start_seconds = 0.0     # spent starting requests' lookahead state in this proposal
+        # compile the suffix matcher now (numba, ~1 s), not in the first request's first step
+        self.state.suffix_match([np.zeros(2, dtype=np.int64)])
         # finished / resumed requests, told to the attention backend with the next tree layout
         self.kv_stale: set[str] = set()
 
@@ -175,8 +178,10 @@ class LadeEngine:
                     self.slot_cands[slot] = info.guess_set_size
                 if info.ngram_size is not None:
                     self.slot_cand_len[slot] = info.ngram_size - 1
+            t0 = time.perf_counter()
             self.state.start(slot, torch.from_numpy(tokens.astype(np.int64)), seed=self.cfg.seed,
                              width=info.window_size)
+            self.start_seconds += time.perf_counter() - t0
             self.synced[slot] = tokens.shape[0]
             # the first output token (the prefill's prediction after the prompt) is recycled
             self.recycled_upto[slot] = max(tokens.shape[0] - 1, 1)
@@ -188,8 +193,12 @@ class LadeEngine:
         step = self.step
         seconds = self.period.step(time.perf_counter(), step.t0)
         if seconds is not None:  # the step that just ended: tokens fed -> seconds
+            # less the requests started in it (a cost per request, whatever the level: at the
+            # start of a batch-32 wave it would make that step's token count look dear)
+            seconds = max(seconds - self.start_seconds, 0.0)
             self.policy.observe_step(step.tokens, seconds, tree=step.tree, drafts=step.drafts)
             step.t0 = None
+        self.start_seconds = 0.0
         live = set(batch.live)
         # requests the runner no longer holds: their slot and info go (a finished request whose
         # notice this worker never received, e.g. aborted while preempted, included)

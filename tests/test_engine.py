@@ -267,3 +267,20 @@ def test_committed_tokens_are_recycled_after_plain_steps_too():
     out = run.tokens[0, :int(run.num[0])].tolist()           # 1 2 3 9 | 26 25 18 9
     assert [table[x] for x in out[3:-1]] == out[4:], (out, table)
     assert table[1] == table[2] == -1 and table[3] == -1       # prompt pairs not recycled
+
+
+def test_request_starts_are_not_charged_to_the_step_cost():
+    """Starting a request's lookahead state (pool seeded from its prompt) is a cost per request,
+    paid whatever the level: the step the policy observes excludes it, so the first step of a
+    batch of new requests does not make its token count look dear."""
+    import time
+    run = Run({"a": [1, 2, 3, 9]}, cfg=LadeConfig())
+    slow = run.engine.state.start
+    run.engine.state.start = lambda *a, **k: (time.sleep(0.2), slow(*a, **k))[1]
+    plan = run.engine.plan
+    run.engine.plan = lambda *a, **k: (plan(*a, **k), time.sleep(0.3))[0]   # a 0.3 s "forward"
+    seen = []
+    run.engine.policy.observe_step = lambda tokens, seconds, **k: seen.append(seconds)
+    run.step()                      # the request starts here (0.2 s), then its forward
+    run.step()                      # ... and that step is observed here: 0.3 s, not 0.5
+    assert seen and 0.3 <= seen[0] < 0.45, seen
