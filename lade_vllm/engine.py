@@ -34,7 +34,7 @@ from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
 from lade_vllm.proposer import LookaheadState
-from lade_vllm.proposer.recycle import Successors
+from lade_vllm.proposer.recycle import Recycler
 from lade_vllm.proposer.verify import verify_subtree
 from lade_vllm.step_cost import StepPeriod
 
@@ -113,8 +113,7 @@ class LadeEngine:
                                     suffix_tokens=cfg.suffix_tokens)
         self.slot_of: dict[str, int] = {}
         # the model's latest prediction after each token (chains for requests without a match)
-        self.successors = Successors(vocab_size) if cfg.recycle and vocab_size else None
-        self.recycled_upto = np.zeros(max_seqs, dtype=np.int64)   # committed tokens recycled
+        self.successors = Recycler(vocab_size, max_seqs) if cfg.recycle and vocab_size else None
         self.free_slots = list(range(max_seqs - 1, -1, -1))
         # committed tokens each slot's state has seen (catch-up after steps without a tree)
         self.synced = np.zeros(max_seqs, dtype=np.int64)
@@ -183,8 +182,8 @@ class LadeEngine:
                              width=info.window_size)
             self.start_seconds += time.perf_counter() - t0
             self.synced[slot] = tokens.shape[0]
-            # the first output token (the prefill's prediction after the prompt) is recycled
-            self.recycled_upto[slot] = max(tokens.shape[0] - 1, 1)
+            if self.successors is not None:
+                self.successors.start(slot, tokens.shape[0])
         return slot
 
     # ---- 1. propose -------------------------------------------------------------------------
@@ -213,7 +212,7 @@ class LadeEngine:
         self.stats["steps"] += 1
         contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
         if self.successors is not None:
-            self._recycle_committed(rows, contexts)
+            self.successors.committed([r[2] for r in rows], contexts)
         # the chain candidates are found first (the context match, else the recycled
         # successors): at CHAIN only they draft, by chain class
         suffix = self.state.suffix_match(contexts)   # (candidates [B, K], match lengths [B])
@@ -432,26 +431,13 @@ class LadeEngine:
                  if s != depth]
         return Accepted([emitted[j] for j in order], [paths[j] for j in order], moves)
 
-    def _recycle_committed(self, rows: list[tuple], contexts: list[np.ndarray]) -> None:
-        """Each token committed since a request was last seen is the model's target after the
-        token before it (plain steps and requests without drafts included)."""
-        src, dst = [], []
-        for (_, _, slot, _, num), context in zip(rows, contexts):
-            upto = int(self.recycled_upto[slot])
-            if num > upto:
-                src.append(context[upto - 1:num - 1])
-                dst.append(context[upto:num])
-                self.recycled_upto[slot] = num
-        if src:
-            self.successors.update(np.concatenate(src), np.concatenate(dst))
-
     def _recycle(self, ctx, target: torch.Tensor, acceptable: torch.Tensor) -> None:
         """Each read row's target is the model's prediction after the row's input token."""
         prop, plan = ctx.proposal, ctx.plan
         tokens = np.array([t for k, n in zip(plan.prop_idx, plan.num_nodes)
                            for t in [int(prop.last_tokens[k])] + prop.drafts[k][:n - 1]])
         ok = acceptable.numpy()
-        self.successors.update(tokens[ok], target.numpy()[ok])
+        self.successors.verified(tokens[ok], target.numpy()[ok])
 
     def _commit(self, ctx, full, offsets, target, emitted, paths) -> None:
         """Commit the whole trees ``full`` (plan indices): verify, harvest, update the pool."""

@@ -47,3 +47,40 @@ class Successors:
             out[:, d] = x
             x = np.where(x >= 0, x, v)
         return out
+
+
+class Recycler:
+    """The engine's successor table and, per slot, how far its committed tokens were recycled."""
+
+    def __init__(self, vocab_size: int, max_seqs: int):
+        self.successors = Successors(vocab_size)
+        self.upto = np.zeros(max_seqs, dtype=np.int64)   # committed tokens recycled per slot
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.successors.table
+
+    def start(self, slot: int, num_tokens: int) -> None:
+        """A slot starts with ``num_tokens`` committed: the last one (the prefill's prediction
+        after the prompt) is recycled at the next proposal; the prompt's own pairs are text."""
+        self.upto[slot] = max(num_tokens - 1, 1)
+
+    def committed(self, slots, contexts) -> None:
+        """Each token committed since a slot was last seen is the model's target after the token
+        before it (plain steps and requests without drafts included)."""
+        src, dst = [], []
+        for slot, context in zip(slots, contexts):
+            upto, num = int(self.upto[slot]), len(context)
+            if num > upto:
+                src.append(context[upto - 1:num - 1])
+                dst.append(context[upto:num])
+                self.upto[slot] = num
+        if src:
+            self.successors.update(np.concatenate(src), np.concatenate(dst))
+
+    def verified(self, tokens: np.ndarray, targets: np.ndarray) -> None:
+        """Verified rows: input ``tokens``, their ``targets``."""
+        self.successors.update(tokens, targets)
+
+    def chains(self, lasts: np.ndarray, length: int) -> np.ndarray:
+        return self.successors.chains(lasts, length)
