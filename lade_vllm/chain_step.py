@@ -77,3 +77,59 @@ def observe_chains(policy, plan: StepPlan, prop: Proposal, emitted: dict[int, li
     policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full), sum(drafted) / len(full))
     policy.observe_chain(drafted, accepted, [int(prop.tree_args["cand_len"][k]) for k in ks],
                          [prop.tree_args["classes"][k] for k in ks])
+
+
+class ShadowChains:
+    """Chain candidates that were not drafted, checked against the tokens their request commits
+    next: per chain class the acceptance a drafted chain would have had, learned from plain
+    steps at no forward cost (greedy: the same first mismatch; sampled: a draft equals the
+    sampled token with the probability rejection sampling accepts it). One pending chain per
+    slot, resolved at its first mismatch or once every draft was checked."""
+
+    def __init__(self, max_seqs: int, max_len: int):
+        self.max_len = max(int(max_len), 1)
+        self.chain = np.full((max_seqs, self.max_len), -1, dtype=np.int64)
+        self.length = np.zeros(max_seqs, dtype=np.int64)   # drafts pending (0: none)
+        self.start = np.zeros(max_seqs, dtype=np.int64)    # committed tokens when proposed
+        self.cls = np.zeros(max_seqs, dtype=np.int64)
+
+    def drop(self, slots) -> None:
+        self.length[list(slots)] = 0
+
+    def resolve(self, rows: np.ndarray, slots: np.ndarray, nums: np.ndarray,
+                token_ids: np.ndarray) -> tuple[list[int], list[int], list[int]] | None:
+        """Pending chains of ``slots`` (batch ``rows``, ``nums`` committed tokens in
+        ``token_ids``) that can be decided now: their drafts, accepted drafts and classes."""
+        pend = self.length[slots] > 0
+        if not pend.any():
+            return None
+        rows, slots, nums = rows[pend], slots[pend], nums[pend]
+        m, n0 = self.length[slots], self.start[slots]
+        known = np.maximum(nums - n0, 0)
+        lim = np.minimum(m, known)
+        depth = np.arange(self.max_len)
+        at = np.minimum(n0[:, None] + depth, token_ids.shape[1] - 1)
+        same = (token_ids[rows[:, None], at] == self.chain[slots]) & (depth < lim[:, None])
+        accepted = np.cumprod(same, axis=1).sum(1)
+        done = (accepted < lim) | (known >= m)
+        if not done.any():
+            return None
+        self.length[slots[done]] = 0
+        return m[done].tolist(), accepted[done].tolist(), self.cls[slots[done]].tolist()
+
+    def begin(self, slots: np.ndarray, nums: np.ndarray, cands: np.ndarray,
+              classes: list[int | None], caps: np.ndarray) -> None:
+        """Record the chain candidates (``cands`` [B, K], -1 padded, cut to ``caps``) of the
+        slots without a pending chain; rows whose class is None have none."""
+        has = np.array([c is not None for c in classes]) & (self.length[slots] == 0)
+        if not has.any():
+            return
+        k = min(cands.shape[1], self.max_len)
+        lengths = np.minimum((cands[:, :k] >= 0).sum(1), np.minimum(caps, k))
+        has &= lengths > 0
+        s = slots[has]
+        self.chain[s] = -1
+        self.chain[s, :k] = cands[has, :k]
+        self.length[s] = lengths[has]
+        self.start[s] = nums[has]
+        self.cls[s] = [classes[b] for b in np.flatnonzero(has)]

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from lade_vllm.attention import TreeLayout
-from lade_vllm.chain_step import (chain_candidates, count_matches, observe_chains, propose_chains,
-                                  walk_chain)
+from lade_vllm.chain_step import (ShadowChains, chain_candidates, count_matches, observe_chains,
+                                  propose_chains, walk_chain)
 from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
@@ -127,7 +127,9 @@ class LadeEngine:
             lookup_nodes=cfg.guess_set_size * (cfg.ngram_size - 1) + cfg.suffix_tokens,
             chain_nodes=max(cfg.ngram_size - 1, cfg.suffix_tokens), enabled=cfg.adaptive,
             explore_every=cfg.adaptive_explore_every,
-            explore_margin=float(cfg.adaptive_explore_margin))
+            explore_margin=float(cfg.adaptive_explore_margin), shadow=cfg.adaptive)
+        # chain candidates not drafted, checked against the tokens committed next (the policy)
+        self.shadow = ShadowChains(max_seqs, self.policy.chain.max_len) if cfg.adaptive else None
         # counters for tests and benchmarks; host_seconds = lade's own CPU work per step
         # (the adapter adds its hooks' time), steps = steps with lade requests
         self.stats = {"tree_steps": 0, "trie_nodes": 0, "window_nodes": 0, "steps": 0,
@@ -151,6 +153,8 @@ class LadeEngine:
             self.requests.pop(r, None)
         if freed:
             self.state.free(torch.tensor(freed))
+            if self.shadow is not None:
+                self.shadow.drop(freed)
             self.free_slots.extend(freed)
             for slot in freed:
                 if slot in self.capped_slots:
@@ -223,7 +227,19 @@ class LadeEngine:
                 self.successors.chains(lasts, suffix[0].shape[1])
             chains = chain_candidates(suffix, recycled)
         matched = None if chains is None else count_matches(chains[1])
+        shadow = None if self.shadow is None or chains is None else \
+            (np.array([r[0] for r in rows]), np.array([r[2] for r in rows]),
+             np.array([r[4] for r in rows]))
+        if shadow is not None:   # the chains not drafted earlier, against what was committed
+            seen = self.shadow.resolve(*shadow, batch.token_ids)
+            if seen is not None:
+                self.policy.observe_shadow(*seen)
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
+        if shadow is not None:   # this step's chains that will not be drafted
+            classes = chains[1] if level != CHAIN else \
+                [c if c is not None and not self.policy.cut[c] else None for c in chains[1]]
+            self.shadow.begin(shadow[1], shadow[2], chains[0], classes,
+                              self.slot_cand_len.numpy()[shadow[1]])
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
         if level == CHAIN and chains is not None:

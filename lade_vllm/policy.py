@@ -28,7 +28,7 @@ where R is the number of lookahead requests, ``base`` the other requests' tokens
   and one lucky or slow step moves the estimate by about 1/n. Buckets out of order (a bigger one
   estimated cheaper) are pooled into their sample-weighted mean (isotonic regression), so more
   tokens never cost less and a bucket of few samples bends the curve little. Between buckets the
-  curve is interpolated; beyond them it is extrapolated linearly from the largest bucket at most
+  curve is interpolated linearly in tokens; beyond them it is extrapolated linearly from the largest bucket at most
   half the last one's size, with the rise less one standard error (a rise within the noise
   extrapolates flat: a bigger tree gets measured rather than condemned by noise). Three kinds of
   step have separate curves: plain steps (OFF: no drafts), chain steps (drafts through vLLM's
@@ -61,6 +61,15 @@ both scores): a difference within the measured noise does not flip it. Back to O
 cannot lose to plain decoding, it changes for any gain above ``SWITCH_FLOOR``: the standard
 errors are largest early in a run, and a lucky first estimate must not lock a losing level in.
 
+Shadow chains. A chain's acceptance needs no chain step: the driver checks each step's chain
+candidates that were not drafted (plain steps, classes cut to 0, tree steps) against the tokens
+the request commits next (lade_vllm.chain_step.ShadowChains) and reports them through
+``observe_shadow``, which feeds the same per-class depth records as drafted chains, and CHAIN's
+tokens per request as if each chain had been cut to its class's best length. With them
+(``shadow=True``) the warm-up's chains are cut until their step is predicted within
+``WARMUP_SHADOW_COST`` x an OFF step, down to none (an OFF step): at batch 32 on a CPU the
+warm-up then costs nothing, and CHAIN is run when its shadow-measured acceptance predicts a gain.
+
 Exploring. Every ``explore_every`` steps the policy may run another level instead, to keep its
 estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
 error), is at least ``explore_margin`` of the exploited level's score (a margin relaxed down to a
@@ -71,8 +80,8 @@ typical time (its bucket's estimate: a spike earns nothing extra) and holds at m
 ``BUDGET_STEPS`` exploited steps' worth, so exploration loses at most that fraction of the time
 in expectation; a level predicted better costs nothing. The candidate explored is the one with
 the highest optimistic score while that beats the exploited score, and every fourth time the
-least recently used one, so no level's estimate is forgotten; with no such candidate the step
-exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every
+least recently used one, so no level's estimate is forgotten (CHAIN excepted with shadow chains:
+its acceptance is measured on every step anyway); with no such candidate the step exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every
 ``explore_every`` steps the least recently used other level runs (for tests). The choice never
 affects outputs, only speed.
 
@@ -107,6 +116,7 @@ SWITCH_K = 1.0        # ...and above this many standard errors of the two scores
 EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than this x the exploited
 EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
+WARMUP_SHADOW_COST = 1.25  # with shadow chains the warm-up's chains cost at most this x plain
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
 CHAIN_SWITCH = 0.01   # the chain length changes for a predicted gain above this
 
@@ -115,8 +125,10 @@ class AdaptivePolicy:
     """Chooses OFF / CHAIN / LOOKUP / FULL per step; see the module docstring."""
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
-                 enabled: bool = True, explore_every: int = 16, explore_margin: float = 0.6):
+                 enabled: bool = True, explore_every: int = 16, explore_margin: float = 0.6,
+                 shadow: bool = False):
         self.enabled = enabled
+        self.shadow = shadow   # the driver reports undrafted chains (observe_shadow)
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
         self.cost_plain = StepCostModel()   # OFF steps: no drafts
@@ -249,15 +261,17 @@ class AdaptivePolicy:
             if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
                 self.best[c] = best
 
-    def _affordable_cut(self, num_reqs: int, base_tokens: int) -> list[int]:
-        """The warm-up's chain lengths: the best ones, shortened alike until the step is predicted
-        to cost at most EXPLORE_COST x a plain one (at batch 32 on a CPU, eight drafts per
-        request would cost as much as five plain steps; at batch 1 nothing is cut)."""
+    def _affordable_cut(self, num_reqs: int, base_tokens: int, limit: float = EXPLORE_COST,
+                        shortest: int = 1) -> list[int]:
+        """The warm-up's chain lengths: the best ones, shortened alike (not below ``shortest``)
+        until the step is predicted to cost at most ``limit`` x a plain one (at batch 32 on a CPU,
+        eight drafts per request would cost as much as five plain steps; at batch 1 nothing is
+        cut)."""
         matched = sum(self.matched)
         plain = self.cost(OFF, base_tokens + num_reqs)
         n = max(self.best)
-        while n > 1 and self.cost(CHAIN, base_tokens + num_reqs + matched * n) \
-                > EXPLORE_COST * plain:
+        while n > shortest and self.cost(CHAIN, base_tokens + num_reqs + matched * n) \
+                > limit * plain:
             n -= 1
         return [min(b, n) for b in self.best]
 
@@ -302,6 +316,8 @@ class AdaptivePolicy:
             self.cut = list(self.best)
             if warming:
                 self.cut = self._affordable_cut(num_reqs, base_tokens)
+                if self.shadow:   # acceptance comes from the shadows: measure the cost cheaply
+                    self.cut = self._affordable_cut(num_reqs, base_tokens, WARMUP_SHADOW_COST, 0)
             if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
                 up = self.chain_steps % (2 * CHAIN_PROBE_EVERY) == 0
                 self.cut = [self._probe_len(c, up, num_reqs, base_tokens) if m else self.best[c]
@@ -354,8 +370,10 @@ class AdaptivePolicy:
         # the candidate most likely to beat the exploited level, while one might (optimistic
         # score above the exploited score); every fourth time the stalest, so none is forgotten
         hope = [lv for lv in ok if hi(lv) >= est[cur].score]
-        if ok and self.explorations % 4 == 0:
-            level = min(ok, key=lambda lv: self.last_used[lv])
+        # with shadow chains CHAIN's acceptance stays measured: it is run for hope only
+        stale = [lv for lv in ok if not (self.shadow and lv == CHAIN)]
+        if stale and self.explorations % 4 == 0:
+            level = min(stale, key=lambda lv: self.last_used[lv])
         elif hope:
             level = max(hope, key=hi)
         else:
@@ -383,6 +401,19 @@ class AdaptivePolicy:
                       classes: list[int] | None = None) -> None:
         """A CHAIN step's chains: per request its drafts, accepted drafts, the length it was cut
         to (``cap``: per request, or one int for all) and its match class (None: the top one)."""
+        self._record_chains(drafted, accepted, cap, classes)
+
+    def observe_shadow(self, drafted: list[int], accepted: list[int], classes: list[int]) -> None:
+        """Chains proposed but not drafted, checked against the tokens committed after them
+        (lade_vllm.chain_step.ShadowChains): the chain records learn as from drafted chains, and
+        CHAIN's tokens per request as if each had been cut to its class's best length."""
+        self._record_chains(drafted, accepted, self.chains[0].max_len, classes)
+        best = [self.best[c] for c in classes]
+        n = len(drafted)
+        self.observe_level(CHAIN, 1.0 + sum(map(min, accepted, best)) / n,
+                           sum(map(min, drafted, best)) / n)
+
+    def _record_chains(self, drafted, accepted, cap, classes) -> None:
         caps = list(cap) if isinstance(cap, (list, tuple)) else [int(cap)] * len(drafted)
         rows = group_by_class(list(zip(drafted, accepted, caps)), classes)
         for c, chains in rows.items():

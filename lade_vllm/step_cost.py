@@ -222,10 +222,12 @@ class StepCostModel:
             b0, b1 = self._sorted()[j - 1], self._sorted()[-1]
             rise = vals[-1] - vals[j - 1] - math.hypot(b0.se * vals[j - 1], b1.se * vals[-1])
             return vals[-1] + max(rise, 0.0) / (t1 - t0) * (max(tokens, 1) - t1)
+        # between two buckets: linear in tokens (a step's cost is about affine in its tokens;
+        # linear in the grid position would put T=2 halfway to T=4 from T=1 to T=16)
         i = bisect.bisect_right(keys, x)
-        k0, k1 = keys[i - 1], keys[i]
-        f = (x - k0) / max(k1 - k0, 1e-9)
-        return vals[i - 1] + f * (vals[i] - vals[i - 1])
+        t0, t1 = self.RATIO ** keys[i - 1], self.RATIO ** keys[i]
+        f = (max(tokens, 1) - t0) / max(t1 - t0, 1e-9)
+        return vals[i - 1] + min(max(f, 0.0), 1.0) * (vals[i] - vals[i - 1])
 
     def se(self, tokens: float) -> float:
         """Relative standard error of ``self(tokens)``."""

@@ -284,3 +284,26 @@ def test_request_starts_are_not_charged_to_the_step_cost():
     run.step()                      # the request starts here (0.2 s), then its forward
     run.step()                      # ... and that step is observed here: 0.3 s, not 0.5
     assert seen and 0.3 <= seen[0] < 0.45, seen
+
+
+def test_plain_steps_teach_the_chain_record_through_shadow_chains():
+    """At OFF nothing is drafted, yet each request's chain candidate is checked against the
+    tokens it commits next: the chain records learn what drafted chains would have delivered
+    (the stand-in model's continuation is periodic, so its matches end up accepted whole), and
+    the text is the model's own."""
+    from lade_vllm import policy as pol_mod
+    run = Run(PROMPTS, cfg=LadeConfig())
+    pol = run.engine.policy
+    pol.choose = lambda n, b, m=None: pol_mod.OFF
+    seen = []
+    original = pol.observe_shadow
+    pol.observe_shadow = lambda d, a, c: (seen.append((d, a, c)), original(d, a, c))
+    for _ in range(30):
+        run.step()
+    assert seen and all(0 <= x <= y for d, a, _ in seen for x, y in zip(a, d))
+    late = [(x, y) for d, a, _ in seen[-4:] for x, y in zip(a, d)]
+    assert late and all(x == y for x, y in late), seen
+    assert sum(ch.steps for ch in pol.chains) >= len(seen) and pol.history[pol_mod.CHAIN] == 0
+    for i, (r, p) in enumerate(PROMPTS.items()):
+        n = int(run.num[i])
+        assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r

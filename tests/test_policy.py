@@ -192,6 +192,44 @@ def test_warm_up_chains_are_cut_to_an_affordable_step():
     assert warm_up_cuts(1, 100, lambda t: 0.010 + 0.00001 * t) == [CHAIN_NODES] * 3
 
 
+def test_with_shadow_chains_the_warm_up_drafts_only_cheap_chains():
+    """When the driver reports undrafted chains (observe_shadow), acceptance needs no chain steps:
+    the warm-up's CHAIN steps cost at most WARMUP_SHADOW_COST x a plain one, none at all where
+    even one draft per request is dearer (batch 32 on a CPU), the full length where drafts are
+    nearly free (batch 1 on a GPU)."""
+    from lade_vllm.policy import WARMUP_SHADOW_COST
+
+    def warm_up(num_reqs, prefill, cost):
+        pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, shadow=True)
+        pol.observe_step(prefill, cost(prefill))
+        cuts = []
+        for _ in range(9):
+            level = pol.choose(num_reqs, 0, matched=num_reqs)
+            if level == CHAIN:
+                cuts.append(pol.chain_len)
+            fed = num_reqs * (1 + (pol.chain_len if level == CHAIN else 0)
+                              + (LOOKUP_NODES if level == LOOKUP else 0))
+            pol.observe_step(fed, cost(fed), tree=level in TREE_LEVELS, drafts=level != OFF)
+        return cuts
+    assert warm_up(32, 2500, lambda t: 0.07 + 0.0022 * t) == []
+    assert warm_up(1, 100, lambda t: 0.010 + 0.00001 * t) == [CHAIN_NODES] * 3
+    mid = lambda t: 0.03 + 0.004 * t    # noqa: E731  (batch 1, 2 cores: a draft costs 12%)
+    cuts = warm_up(1, 100, mid)
+    assert cuts and all(1 <= n < CHAIN_NODES for n in cuts)
+    assert all(mid(1 + n) <= WARMUP_SHADOW_COST * mid(1) for n in cuts)
+
+
+def test_shadow_chains_teach_the_chain_record_and_the_level():
+    """observe_shadow feeds the class's depth record (as a drafted chain would) and CHAIN's
+    tokens per request as if cut to the class's best length."""
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, shadow=True)
+    pol.best = [CHAIN_NODES, CHAIN_NODES, 3, CHAIN_NODES]
+    pol.observe_shadow([5, 5], [5, 1], [2, 2])
+    assert pol.chains[2].steps == 1 and pol.chains[0].steps == 0
+    assert pol.tokens[CHAIN].value == 1.0 + (3 + 1) / 2
+    assert pol.nodes[CHAIN].value == 3.0
+
+
 def test_step_period_counts_the_gap_before_each_plan_and_not_idle_time():
     from lade_vllm.step_cost import StepPeriod
 
