@@ -293,12 +293,17 @@ class LadeEngine:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated
         tree) learn the tokens committed meanwhile: history and output n-grams."""
         keep = self.cfg.ngram_size - 1
+        behind, tails, new = [], [], []
         for slot, num, context in zip(slots, nums, contexts):
             known = int(self.synced[slot])
             if known != num:
-                tail = context[max(min(known, num) - keep, 0):num].astype(np.int64)
-                self.state.catch_up(slot, torch.from_numpy(tail), max(num - known, 0))
+                behind.append(slot)
+                tails.append(torch.from_numpy(
+                    context[max(min(known, num) - keep, 0):num].astype(np.int64)))
+                new.append(max(num - known, 0))
                 self.synced[slot] = num
+        if behind:
+            self.state.catch_up(behind, tails, new)
 
     def _tree_args(self, slots: torch.Tensor, level: int) -> dict:
         args = {}

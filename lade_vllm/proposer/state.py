@@ -58,20 +58,26 @@ class LookaheadState:
         hist[hist.numel() - tail.numel():] = tail
         self.history[slot] = hist
 
-    def catch_up(self, slot: int, tail: torch.Tensor, num_new: int) -> None:
-        """Tell ``slot`` about ``num_new`` tokens committed without ``commit`` (steps decoded
-        without a verified tree). ``tail`` [k]: the last committed tokens, the ``num_new`` new ones
-        preceded by up to N-1 older ones. Refreshes the history and adds the output n-grams."""
+    def catch_up(self, slots: list[int], tails: list, num_new: list[int]) -> None:
+        """Tell ``slots`` about ``num_new`` tokens each, committed without ``commit`` (steps
+        decoded without a verified tree). ``tails[i]`` [k]: slot i's last committed tokens, its
+        new ones preceded by up to N-1 older ones. Refreshes the histories and adds the output
+        n-grams, all slots in one pool insert (the same pools as one insert per slot)."""
         N = self.ngram_size
-        tail = torch.as_tensor(tail).reshape(-1).long().to(self.device)
-        hist = torch.full((N - 1,), _EMPTY, dtype=torch.long, device=self.device)
-        last = tail[-(N - 1):]
-        hist[hist.numel() - last.numel():] = last
-        self.history[slot] = hist
-        if bool(self.output_ngrams[slot]) and num_new > 0:
-            grams = ngrams_from_tokens(tail[-(num_new + N - 1):], N)
-            if grams.shape[0]:
-                self.pool.insert(torch.full((grams.shape[0],), slot, device=self.device), grams)
+        rows, grams_all = [], []
+        for slot, tail, new in zip(slots, tails, num_new):
+            tail = torch.as_tensor(tail).reshape(-1).long().to(self.device)
+            hist = torch.full((N - 1,), _EMPTY, dtype=torch.long, device=self.device)
+            last = tail[-(N - 1):]
+            hist[hist.numel() - last.numel():] = last
+            self.history[slot] = hist
+            if new > 0 and bool(self.output_ngrams[slot]):
+                grams = ngrams_from_tokens(tail[-(new + N - 1):], N)
+                if grams.shape[0]:
+                    rows.append(torch.full((grams.shape[0],), slot, device=self.device))
+                    grams_all.append(grams)
+        if rows:
+            self.pool.insert(torch.cat(rows), torch.cat(grams_all))
 
     def free(self, slots: torch.Tensor) -> None:
         """Forget ``slots`` [k] (request finished, aborted or preempted)."""

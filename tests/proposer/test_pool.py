@@ -246,3 +246,32 @@ def test_fingerprints_track_stored_continuations():
         fp = pool._fingerprint(pool.conts.view(-1, 3).long()).view(pool.cont_fp.shape)
         assert torch.equal(pool.cont_fp[stored], fp[stored])
         assert (pool.cont_fp[:-1][~stored[:-1]] == -1).all()
+
+
+def test_catching_up_several_slots_at_once_equals_one_slot_at_a_time():
+    """LookaheadState.catch_up inserts every slot's output n-grams in one pool insert; the pools
+    and histories are those of one insert per slot, in the same order."""
+    import random
+
+    from lade_vllm.proposer import LookaheadState
+
+    rng = random.Random(3)
+    prompts = [torch.tensor([rng.randrange(30) for _ in range(40)]) for _ in range(3)]
+    tails = [torch.tensor([rng.randrange(30) for _ in range(n)]) for n in (25, 9, 17)]
+    states = []
+    for batched in (True, False):
+        st = LookaheadState(4, 3, 4, 3, max_keys=16, pool_from_prompt=True)
+        for slot, p in enumerate(prompts):
+            st.start(slot, p, seed=0)
+        slots, new = [0, 2, 1], [22, 6, 14]
+        if batched:
+            st.catch_up(slots, tails, new)
+        else:
+            for s, t, n in zip(slots, tails, new):
+                st.catch_up([s], [t], [n])
+        states.append(st)
+    a, b = states
+    assert (a.pool.keys >= 0).sum() > 0
+    for name in ("keys", "key_stamp", "conts", "cont_stamp", "cont_fp"):
+        assert torch.equal(getattr(a.pool, name), getattr(b.pool, name)), name
+    assert torch.equal(a.history, b.history)
