@@ -133,3 +133,25 @@ class ShadowChains:
         self.length[s] = lengths[has]
         self.start[s] = nums[has]
         self.cls[s] = [classes[b] for b in np.flatnonzero(has)]
+
+    def report(self, policy, rows: list[tuple], token_ids: np.ndarray) -> None:
+        """Resolve the pending chains of the engine's ``rows`` (row, request, slot, last, num)
+        against ``token_ids`` and tell ``policy`` (``observe_shadow``)."""
+        seen = self.resolve(*_row_arrays(rows), token_ids)
+        if seen is not None:
+            policy.observe_shadow(*seen)
+
+    def record(self, rows: list[tuple], chains, cut, slot_cap: torch.Tensor) -> None:
+        """Begin the shadows of this step's chain candidates (``chains``: candidates, classes)
+        that are not drafted: all of them, or at CHAIN (``cut``: the policy's per-class
+        lengths; falsy otherwise) those of classes cut to 0."""
+        _, slots, nums = _row_arrays(rows)
+        classes = chains[1] if not cut else \
+            [c if c is not None and not cut[c] else None for c in chains[1]]
+        self.begin(slots, nums, chains[0], classes, slot_cap.numpy()[slots])
+
+
+def _row_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch rows, slots and committed token counts of the engine's rows."""
+    return (np.array([r[0] for r in rows]), np.array([r[2] for r in rows]),
+            np.array([r[4] for r in rows]))

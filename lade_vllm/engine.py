@@ -8,6 +8,8 @@ moves, emitted tokens) back into vLLM. One step:
    (lade_vllm.proposer.LookaheadState); its nodes except the root are the request's draft tokens,
    in storage order [trie | window] (lade_vllm.proposal). The trees wait in ``pending``. At the
    CHAIN level each request's context match is laid out as a chain, no tree (lade_vllm.chain_step).
+   Chain candidates that are not drafted are kept and checked against the tokens committed
+   next (shadow chains, lade_vllm.chain_step.ShadowChains): the policy learns their acceptance.
 2. ``plan(ScheduledBatch)``: which pending trees the scheduler kept (whole or truncated), their
    positions p + depth and ancestor masks: a fresh :class:`StepContext` in ``step``.
 3. after the forward, verification in three stages: ``acceptance_rows`` / ``min_p`` tell the adapter
@@ -227,19 +229,12 @@ class LadeEngine:
                 self.successors.chains(lasts, suffix[0].shape[1])
             chains = chain_candidates(suffix, recycled)
         matched = None if chains is None else count_matches(chains[1])
-        shadow = None if self.shadow is None or chains is None else \
-            (np.array([r[0] for r in rows]), np.array([r[2] for r in rows]),
-             np.array([r[4] for r in rows]))
+        shadow = self.shadow if chains is not None else None
         if shadow is not None:   # the chains not drafted earlier, against what was committed
-            seen = self.shadow.resolve(*shadow, batch.token_ids)
-            if seen is not None:
-                self.policy.observe_shadow(*seen)
+            shadow.report(self.policy, rows, batch.token_ids)
         level = self.policy.choose(len(rows), batch.num_reqs - len(rows), matched)
         if shadow is not None:   # this step's chains that will not be drafted
-            classes = chains[1] if level != CHAIN else \
-                [c if c is not None and not self.policy.cut[c] else None for c in chains[1]]
-            self.shadow.begin(shadow[1], shadow[2], chains[0], classes,
-                              self.slot_cand_len.numpy()[shadow[1]])
+            shadow.record(rows, chains, level == CHAIN and self.policy.cut, self.slot_cand_len)
         if level == OFF:
             return out  # plain decoding this step; the slots catch up when trees resume
         if level == CHAIN and chains is not None:
