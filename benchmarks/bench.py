@@ -37,6 +37,7 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
 METHODS = {
     "vanilla": None,
+    "vanilla-sync": None,   # vanilla with async scheduling off, as vLLM runs every custom drafter
     "ngram": NGRAM,
     # the small ngram sweep: fewer / more draft tokens
     "ngram-k3": {**NGRAM, "num_speculative_tokens": 3},
@@ -51,6 +52,8 @@ METHODS = {
     "lade-W4N4G4": {"method": "lade", "window_size": 4, "ngram_size": 4, "guess_set_size": 4,
                     "adaptive": False},
 }
+#: engine arguments of a method besides its speculative config
+ENGINE_ARGS = {"vanilla-sync": {"async_scheduling": False}}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ARCTIC = os.path.join(ROOT, ".venv", "arctic")   # `make arctic`: the suffix method's package
 
@@ -76,7 +79,7 @@ def run_method(name: str, args) -> list[dict]:
     t0 = time.perf_counter()
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=max(batches), max_model_len=2048,
               seed=0, speculative_config=spec, disable_log_stats=False, enforce_eager=args.eager,
-              worker_extension_cls="tools.testing.ForwardCounter")
+              worker_extension_cls="tools.testing.ForwardCounter", **ENGINE_ARGS.get(name, {}))
     print(f"  [{name}] engine up in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     is_lade = isinstance(spec, str) or (isinstance(spec, dict) and spec.get("method") == "lade")

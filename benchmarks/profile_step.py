@@ -61,6 +61,17 @@ def _timed(cls, attr: str, name: str) -> None:
     setattr(cls, attr, wrapper)
 
 
+def _count_fed(cls) -> None:
+    """Tokens fed per step (the scheduler's total scheduled tokens), summed in TIMES["fed"]."""
+    original = cls.execute_model
+
+    def wrapper(self, scheduler_output, *args, **kwargs):
+        TIMES["fed"] += scheduler_output.total_num_scheduled_tokens
+        return original(self, scheduler_output, *args, **kwargs)
+
+    cls.execute_model = wrapper
+
+
 def instrument() -> None:
     import lade_vllm  # noqa: F401  (applies the patch records first; timers wrap them)
     from lade_vllm.adapter.runner import LadeRunnerAdapter
@@ -73,6 +84,7 @@ def instrument() -> None:
                        ("_model_forward", "model_forward"), ("sample_tokens", "sample_tokens"),
                        ("_sample", "sample")]:
         _timed(GPUModelRunner, attr, name)
+    _count_fed(GPUModelRunner)
     _timed(CPUAttentionBackendImpl, "forward", "attention")
     _timed(LadeCPUAttentionImpl, "forward", "attention")
     _timed(LadeRunnerAdapter, "verify", "lade_verify")
@@ -130,6 +142,9 @@ def main(argv=None) -> None:
         label = "  " * INDENT.get(k, 0) + k
         print(f"{label:<24}" + "".join(f"{per[k]:>12.2f}" for *_, per in rows))
     print(f"{'tokens/step':<24}" + "".join(f"{r['tokens_per_step']:>12.2f}" for _, r, _ in rows))
+    print(f"{'tokens fed/step':<24}" + "".join(f"{r['fed_per_step']:>12.1f}" for _, r, _ in rows))
+    print(f"{'levels o/c/l/f':<24}" + "".join(
+        f"{'/'.join(map(str, r.get('levels', []))) or '-':>12}" for _, r, _ in rows))
     print(f"{'tok/s':<24}" + "".join(f"{r['tok_s']:>12.1f}" for _, r, _ in rows))
 
 
@@ -154,7 +169,8 @@ def _profile_one(args) -> dict:
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,
               max_model_len=2048, seed=0, speculative_config=spec,
-              disable_log_stats=False, enforce_eager=args.eager)
+              disable_log_stats=False, enforce_eager=args.eager,
+              worker_extension_cls="tools.testing.ForwardCounter")
     ps = prompts.load(args.dataset, args.prompts, llm.get_tokenizer())
     measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
     TIMES.clear()
@@ -172,8 +188,12 @@ def _profile_one(args) -> dict:
     steps = max(CALLS["execute_model"], 1)
     per = {k: 1000 * TIMES[k] / steps for k in ORDER}
     per["step"] = 1000 * res.seconds / steps
-    return {"per": per, "steps": steps, "tok_s": res.tokens_per_s,
-            "tokens_per_step": res.tokens_per_step}
+    out = {"per": per, "steps": steps, "tok_s": res.tokens_per_s,
+           "tokens_per_step": res.tokens_per_step, "fed_per_step": TIMES["fed"] / steps}
+    policy = llm.collective_rpc("lade_policy")[0]
+    if policy:
+        out["levels"] = policy["history"]
+    return out
 
 
 if __name__ == "__main__":
