@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.rejection_sampler import RejectionSampler
 
+from lade_vllm.adapter.heap import HeapTrim
 from lade_vllm.adapter.kv_move import KVMover
 from lade_vllm.attention import set_step_layout
 from lade_vllm.config import LadeConfig
@@ -90,6 +91,7 @@ class LadeRunnerAdapter:
         self.runner = runner
         self.engine = engine
         self.kv = KVMover(runner)
+        self.heap = HeapTrim()   # freed heap back to the system now and then (see heap.py)
 
     plan = property(lambda self: self.engine.step.plan)
     slot_of = property(lambda self: self.engine.slot_of)
@@ -105,6 +107,7 @@ class LadeRunnerAdapter:
     # ---- 1. propose -------------------------------------------------------------------------
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
         batch = self.runner.input_batch
+        self.heap.tick()
         with _Timed(self.engine.stats):
             return self.engine.propose(ProposeBatch(
                 req_ids=batch.req_ids, sampled=sampled_token_ids, num_tokens=num_tokens_no_spec,
