@@ -93,14 +93,15 @@ def test_cuda_opt_in_selects_the_cuda_backend_record(value):
 
 
 def test_opted_in_runner_start_reaches_the_self_check(monkeypatch):
-    """The initialize_kv_cache record of the opted-in table runs the self-check once, after
-    vLLM's own initialize_kv_cache, on a runner that has lade's driver, and never while vLLM
-    profiles."""
+    """The initialize_kv_cache record of the opted-in table runs the self-check and the
+    step-size warm-up once, after vLLM's own initialize_kv_cache, on a runner that has lade's
+    driver, and never while vLLM profiles."""
     from lade_vllm.adapter import runtime
     record = next(p for p in runtime.patches_for("cuda")
                   if p.target.endswith("GPUModelRunner.initialize_kv_cache"))
-    calls = []
+    calls, warmed = [], []
     monkeypatch.setattr(runtime, "startup_self_check", lambda runner: calls.append(runner))
+    monkeypatch.setattr(runtime, "warm_up", lambda runner: warmed.append(runner))
 
     def original(self, kv_cache_config, is_profiling=False):
         calls.append("vllm")
@@ -111,10 +112,10 @@ def test_opted_in_runner_start_reaches_the_self_check(monkeypatch):
     assert calls == ["vllm"]
     init(runner, None)
     init(runner, None)                                   # once per runner
-    assert calls == ["vllm", "vllm", runner, "vllm"]
+    assert calls == ["vllm", "vllm", runner, "vllm"] and warmed == [runner]
     plain = SimpleNamespace()                            # lade not configured: no check
     init(plain, None)
-    assert calls[-1] == "vllm"
+    assert calls[-1] == "vllm" and warmed == [runner]
 
 
 def _args(spec):

@@ -33,6 +33,7 @@ gpu_model_runner.GPUModelRunner``, also the base of the CPU runner):
 from __future__ import annotations
 
 import functools
+import os
 
 from lade_vllm.adapter.patches import Patch
 
@@ -58,7 +59,19 @@ def wrap_initialize_kv_cache(original):
                 and not getattr(self, "lade_self_checked", False):
             startup_self_check(self)
             self.lade_self_checked = True
+            warm_up(self)
     return initialize_kv_cache
+
+
+def warm_up(runner) -> None:
+    """The CPU linear layers' kernels for lade's small step sizes (lade_vllm.adapter.warm)."""
+    if runner.device.type != "cpu":
+        return
+    from lade_vllm.adapter.runner import logger
+    from lade_vllm.adapter.warm import warm_linear_layers
+    layers, seconds = warm_linear_layers(runner.get_model())
+    logger.info("lade: warmed %d linear layers for step sizes up to %s tokens in %.1f s",
+                layers, os.environ.get("LADE_WARM_TOKENS", "16"), seconds)
 
 
 def startup_self_check(runner):
