@@ -34,7 +34,8 @@ from lade_vllm.adapter.kv_move import KVMover
 from lade_vllm.attention import set_step_layout
 from lade_vllm.config import LadeConfig
 from lade_vllm.eligibility import is_eligible
-from lade_vllm.engine import Accepted, LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
+from lade_vllm.engine import LadeEngine
+from lade_vllm.step_records import Accepted, ProposeBatch, RequestInfo, ScheduledBatch
 from lade_vllm.request_options import parse_request_options
 from lade_vllm.adapter.sampling import RequestRows, TreeOutput, emitted_logprobs, node_targets, \
     needs_paths, noise_kind, root_rows, sample_root_rows
