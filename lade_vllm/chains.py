@@ -24,7 +24,7 @@ repeats itself costs the chain nothing and does not dilute its record). CHAIN is
 (R + sum_c M_c * (tokens_c(L_c) - 1)) / cost(base + R + sum_c M_c * nodes_c(L_c)) on the chain
 steps' cost curve; each class present in the step takes the L_c that maximises that score (the others at
 theirs; L_c = 0: the class's requests decode plainly, e.g. weak one-token matches at batch 32 on a
-CPU), changed only for a predicted gain above the policy's ``CHAIN_SWITCH``; every ``CHAIN_PROBE_EVERY``-th
+CPU), changed only for a predicted gain above ``CHAIN_SWITCH`` (lade_vllm.chain_policy); every ``CHAIN_PROBE_EVERY``-th
 chain step runs each present class one cost bucket longer, the next one shorter, so the
 neighbouring depths and step costs stay measured at a bounded cost. ``cut`` holds the lengths
 this step's chains are cut to (``best``, or a probe's).

@@ -1,11 +1,14 @@
 """Per-level statistics of the adaptive policy (no vLLM import): the mean of a level's recent
-tokens-per-request or nodes-per-request observations, and a level's throughput estimate."""
+tokens-per-request or nodes-per-request observations, and a level's throughput estimate; the
+levels' numbers."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 from lade_vllm.step_cost import _Samples
+
+OFF, CHAIN, LOOKUP, FULL = 0, 1, 2, 3   # the policy's levels (lade_vllm.policy)
 
 LEVEL_WINDOW = 1024   # tokens/nodes observations kept per level
 

@@ -101,8 +101,8 @@ from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR, TOP_MATCH
 from lade_vllm.step_cost import (COST_WINDOW, HORIZON, MAX_BUCKETS, MIN_KEEP,  # noqa: F401
                                  PRIOR_SIGMA, TRIM_EVERY, UNMEASURED_SE, StepCostModel)
 from lade_vllm.level_stats import LEVEL_WINDOW, _Estimate, _LevelMean  # noqa: F401
-
-OFF, CHAIN, LOOKUP, FULL = 0, 1, 2, 3
+from lade_vllm.level_stats import CHAIN, FULL, LOOKUP, OFF
+from lade_vllm.chain_policy import CHAIN_SWITCH, ChainLengths  # noqa: F401
 LEVELS = (OFF, CHAIN, LOOKUP, FULL)
 LEVEL_NAMES = ("off", "chain", "lookup", "full")
 TREE_LEVELS = (LOOKUP, FULL)  # levels whose steps use tree attention
@@ -118,10 +118,9 @@ EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction o
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 WARMUP_SHADOW_COST = 1.25  # with shadow chains the warm-up's chains cost at most this x plain
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
-CHAIN_SWITCH = 0.01   # the chain length changes for a predicted gain above this
 
 
-class AdaptivePolicy:
+class AdaptivePolicy(ChainLengths):
     """Chooses OFF / CHAIN / LOOKUP / FULL per step; see the module docstring."""
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
@@ -202,79 +201,6 @@ class AdaptivePolicy:
         se = math.hypot(self._cost_se(level, tokens), self.tokens[level].se)
         return _Estimate(num_reqs * self.tokens[level].value / cost, cost, se)
 
-    def _per_chain(self, c: int, length: int) -> tuple[float, float]:
-        """Expected tokens and drafts of one class-``c`` chain cut to ``length``."""
-        depths = self.chains[c]
-        if depths.steps:
-            return depths.tokens(length), depths.nodes(length)
-        # no chain of the class observed yet (or ChainDepths not fed): the level's means
-        return self.tokens[CHAIN].value, min(self.nodes[CHAIN].value, float(length))
-
-    def _chain_estimate(self, lengths: list[int], num_reqs: int, base_tokens: int) -> _Estimate:
-        """CHAIN with class-c chains cut to ``lengths[c]``: the ``matched`` requests draft, the
-        rest decode plainly in the same step."""
-        extra, drafts = 0.0, 0.0
-        for c, m in enumerate(self.matched):
-            if m:
-                t, n = self._per_chain(c, lengths[c])
-                extra += m * (t - 1.0)
-                drafts += m * n
-        tokens = base_tokens + num_reqs + drafts
-        cost = self.cost(CHAIN if drafts else OFF, tokens)   # no drafts: a plain step
-        se = math.hypot(self._cost_se(CHAIN, tokens), self.tokens[CHAIN].se) if drafts else 0.0
-        return _Estimate((num_reqs + extra) / cost, cost, se)
-
-    def _probe_len(self, c: int, up: bool, num_reqs: int, base_tokens: int) -> int:
-        """Class c's chain length next to its best (longer or shorter) whose step lands in
-        another cost bucket than the best's, so that its cost gets measured too."""
-        def bucket(n: int) -> int:
-            lengths = self.best[:c] + [n] + self.best[c + 1:]
-            drafts = sum(m * self._per_chain(k, lengths[k])[1]
-                         for k, m in enumerate(self.matched) if m)
-            return self.cost_chain._bucket(base_tokens + num_reqs + drafts)
-        here, n, step = bucket(self.best[c]), self.best[c], 1 if up else -1
-        while 1 <= n + step <= self.chains[c].max_len:
-            n += step
-            if bucket(n) != here:
-                break
-        return n
-
-    def _pick_chain(self, num_reqs: int, base_tokens: int) -> None:
-        """Per class with matches this step: the chain length of the highest predicted
-        throughput (the other classes at theirs), kept unless another beats it by more than
-        CHAIN_SWITCH. Scores as ``_chain_estimate``, from each class's table of every length."""
-        for c, m in enumerate(self.matched):
-            if not m or not self.chains[c].steps:
-                continue
-            extra = drafts = 0.0   # the other classes at their lengths
-            for k, mk in enumerate(self.matched):
-                if mk and k != c:
-                    t, n = self._per_chain(k, self.best[k])
-                    extra, drafts = extra + mk * (t - 1.0), drafts + mk * n
-            tokens, nodes = self.chains[c].table()
-            scores = []
-            for t, n in zip(tokens, nodes):   # length 0: the class decodes plain
-                d = drafts + m * n
-                cost = self.cost(CHAIN if d else OFF, base_tokens + num_reqs + d)
-                scores.append((num_reqs + extra + m * (t - 1.0)) / cost)
-            best = max(range(len(scores)), key=lambda n: (scores[n], -n))
-            if scores[best] > scores[self.best[c]] * (1.0 + CHAIN_SWITCH):
-                self.best[c] = best
-
-    def _affordable_cut(self, num_reqs: int, base_tokens: int, limit: float = EXPLORE_COST,
-                        shortest: int = 1) -> list[int]:
-        """The warm-up's chain lengths: the best ones, shortened alike (not below ``shortest``)
-        until the step is predicted to cost at most ``limit`` x a plain one (at batch 32 on a CPU,
-        eight drafts per request would cost as much as five plain steps; at batch 1 nothing is
-        cut)."""
-        matched = sum(self.matched)
-        plain = self.cost(OFF, base_tokens + num_reqs)
-        n = max(self.best)
-        while n > shortest and self.cost(CHAIN, base_tokens + num_reqs + matched * n) \
-                > limit * plain:
-            n -= 1
-        return [min(b, n) for b in self.best]
-
     def score(self, level: int, num_reqs: int, base_tokens: int) -> float:
         return self.estimate(level, num_reqs, base_tokens).score
 
@@ -315,7 +241,7 @@ class AdaptivePolicy:
             self.chain_steps += 1
             self.cut = list(self.best)
             if warming:
-                self.cut = self._affordable_cut(num_reqs, base_tokens)
+                self.cut = self._affordable_cut(num_reqs, base_tokens, EXPLORE_COST)
                 if self.shadow:   # acceptance comes from the shadows: measure the cost cheaply
                     self.cut = self._affordable_cut(num_reqs, base_tokens, WARMUP_SHADOW_COST, 0)
             if self.chain_steps % CHAIN_PROBE_EVERY == 0:   # alternately longer and shorter
@@ -396,29 +322,6 @@ class AdaptivePolicy:
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical
-
-    def observe_chain(self, drafted: list[int], accepted: list[int], cap,
-                      classes: list[int] | None = None) -> None:
-        """A CHAIN step's chains: per request its drafts, accepted drafts, the length it was cut
-        to (``cap``: per request, or one int for all) and its match class (None: the top one)."""
-        self._record_chains(drafted, accepted, cap, classes)
-
-    def observe_shadow(self, drafted: list[int], accepted: list[int], classes: list[int]) -> None:
-        """Chains proposed but not drafted, checked against the tokens committed after them
-        (lade_vllm.chain_step.ShadowChains): the chain records learn as from drafted chains, and
-        CHAIN's tokens per request as if each had been cut to its class's best length."""
-        self._record_chains(drafted, accepted, self.chains[0].max_len, classes)
-        best = [self.best[c] for c in classes]
-        n = len(drafted)
-        self.observe_level(CHAIN, 1.0 + sum(map(min, accepted, best)) / n,
-                           sum(map(min, drafted, best)) / n)
-
-    def _record_chains(self, drafted, accepted, cap, classes) -> None:
-        caps = list(cap) if isinstance(cap, (list, tuple)) else [int(cap)] * len(drafted)
-        rows = group_by_class(list(zip(drafted, accepted, caps)), classes)
-        for c, chains in rows.items():
-            d, a, k = zip(*chains)
-            self.chains[c].observe(list(d), list(a), max(k))
 
     def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
         """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""

@@ -196,6 +196,17 @@ def test_each_match_class_gets_its_own_chain_length():
     assert pol.best[2] >= 5 and pol.best[0] <= 2, pol.best
 
 
+def draw_accepted(rng, h, cap: int, m: int) -> list[int]:
+    """Accepted drafts of ``m`` chains cut to ``cap``: depth d accepted with chance h[d-1]."""
+    accepted = []
+    for _ in range(m):
+        n = 0
+        while n < cap and rng.random() < h[n]:
+            n += 1
+        accepted.append(n)
+    return accepted
+
+
 def simulate_batch(r: int, p_match: float, h, a: float, b: float, c: float, steps: int,
                    seed: int, shadow: bool = False, from_step: int | None = None):
     """Batch ``r``; each request has a context match with chance ``p_match`` per step. A step
@@ -214,21 +225,10 @@ def simulate_batch(r: int, p_match: float, h, a: float, b: float, c: float, step
         level = pol.choose(r, 0, matched=[0, 0, m])
         fed, expected, drafts = r, float(r), False
         if shadow and m and (level != CHAIN or not pol.cut[2]):
-            accepted = []
-            for _ in range(m):
-                n = 0
-                while n < MAX_LEN and rng.random() < h[n]:
-                    n += 1
-                accepted.append(n)
-            pol.observe_shadow([MAX_LEN] * m, accepted, [2] * m)
+            pol.observe_shadow([MAX_LEN] * m, draw_accepted(rng, h, MAX_LEN, m), [2] * m)
         if level == CHAIN:
             cap = pol.cut[2]
-            accepted = []
-            for _ in range(m):
-                n = 0
-                while n < cap and rng.random() < h[n]:
-                    n += 1
-                accepted.append(n)
+            accepted = draw_accepted(rng, h, cap, m)
             fed, expected, drafts = r + m * cap, r + m * (chain_tokens(h, cap) - 1), cap > 0
             pol.observe_chain([cap] * m, accepted, [cap] * m, [2] * m)
             pol.observe_level(CHAIN, 1 + sum(accepted) / r, m * cap / r)
