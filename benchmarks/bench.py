@@ -45,6 +45,7 @@ METHODS = {
     # vLLM's suffix decoding (needs arctic-inference: `make arctic` builds it into .venv/arctic)
     "suffix": {"method": "suffix"},
     "lade": "lade",                                   # defaults, adaptive policy on
+    "lade-off": "lade",   # every step plain (LADE_FORCE_LEVEL=off): the plugin's own cost
     "lade-norecycle": {"method": "lade", "recycle": False},   # no recycled-successor chains
     "lade-full": {"method": "lade", "adaptive": False},   # W7/N5/G7, every step a full tree
     "lade-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3, "guess_set_size": 2,
@@ -59,7 +60,10 @@ ARCTIC = os.path.join(ROOT, ".venv", "arctic")   # `make arctic`: the suffix met
 
 
 def _child_env(name: str) -> dict | None:
-    """The suffix method's child gets arctic-inference on its path (no other engine sees it)."""
+    """The suffix method's child gets arctic-inference on its path (no other engine sees it);
+    lade-off's child forces every step plain."""
+    if name == "lade-off":
+        return {**os.environ, "LADE_FORCE_LEVEL": "off"}
     if name != "suffix":
         return None
     env = dict(os.environ)

@@ -162,9 +162,7 @@ def _profile_one(args) -> dict:
     if args.spec:
         spec = json.loads(args.spec)
     if args.level:
-        from lade_vllm import policy
-        forced = policy.LEVEL_NAMES.index(args.level)
-        policy.AdaptivePolicy.choose = lambda self, n, b, m=None: forced
+        os.environ["LADE_FORCE_LEVEL"] = args.level   # read by lade_vllm.engine's LadeEngine
     if args.full and spec is not None and "lade" in str(spec):
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,

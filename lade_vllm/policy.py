@@ -125,8 +125,9 @@ class AdaptivePolicy(ChainLengths):
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
                  enabled: bool = True, explore_every: int = 16, explore_margin: float = 0.6,
-                 shadow: bool = False):
+                 shadow: bool = False, forced: int | None = None):
         self.enabled = enabled
+        self.forced = forced   # every step at this level (benchmarks: LADE_FORCE_LEVEL)
         self.shadow = shadow   # the driver reports undrafted chains (observe_shadow)
         self.explore_margin = explore_margin
         self.explore_every = max(int(explore_every), 2)
@@ -235,6 +236,8 @@ class AdaptivePolicy(ChainLengths):
             level = self.exploit
             if self.steps % self.explore_every == 0:
                 level = self._explore(est)
+        if self.forced is not None:
+            level = self.forced
         if level == CHAIN and not any(self.matched):
             level = OFF   # nothing to draft: a plain step, and CHAIN stays due for measuring
         if level == CHAIN:

@@ -67,6 +67,24 @@ def test_disabled_policy_always_full():
         pol.observe_step(8 * 56, 1.0, tree=True)
 
 
+@pytest.mark.parametrize("forced", [OFF, CHAIN, LOOKUP, FULL])
+def test_a_forced_level_is_run_every_step_and_counted(forced):
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES, forced=forced)
+    for _ in range(40):
+        assert pol.choose(4, 0) == forced
+        pol.observe_step(4 * (1 + NODES[forced]), 0.02, tree=forced in TREE_LEVELS,
+                         drafts=forced != OFF)
+    assert pol.history[forced] == 40, pol.history
+
+
+def test_an_unknown_forced_level_is_refused():
+    from lade_vllm.engine import _forced_level
+    with pytest.raises(ValueError, match="LADE_FORCE_LEVEL='fast'"):
+        _forced_level({"LADE_FORCE_LEVEL": "fast"})
+    assert _forced_level({"LADE_FORCE_LEVEL": "chain"}) == CHAIN
+    assert _forced_level({}) is None
+
+
 def test_cost_model_is_monotone_and_interpolates():
     cm = StepCostModel()
     for t, s in [(1, 0.02), (8, 0.021), (64, 0.05), (512, 0.4)]:
