@@ -8,11 +8,15 @@ keeps, per input token, the latest one. A request with no context match drafts t
 ``table[last]``, ``table[table[last]]``, ... (the policy's ``RECYCLED`` chain class decides
 whether and how long). One table per engine, shared by its requests: int32 ``[vocab + 1]`` (the
 last entry a -1 sentinel), 4 bytes per vocabulary entry, no growth. Plain numpy: a step touches a
-few entries, where a torch op's overhead would dominate.
+few entries, where a torch op's overhead would dominate; the smallest cases (a batch-1 step's few
+rows, a short chain) run as plain Python, cheaper still than numpy's per-call overhead.
 """
 from __future__ import annotations
 
 import numpy as np
+
+#: at most this many rows (update) or chains (chains) take the plain-Python path
+SMALL = 8
 
 
 class Successors:
@@ -26,6 +30,12 @@ class Successors:
         """Rows with input ``tokens`` [M] had ``targets`` [M]; later rows win on repeats."""
         tokens, targets = np.asarray(tokens), np.asarray(targets)
         v = self.vocab
+        if tokens.size <= SMALL:   # in row order: later rows overwrite earlier ones
+            table = self.table
+            for t, g in zip(tokens.tolist(), targets.tolist()):
+                if 0 <= t < v and 0 <= g < v:
+                    table[t] = g
+            return
         ok = (tokens >= 0) & (tokens < v) & (targets >= 0) & (targets < v)
         if not ok.all():
             tokens, targets = tokens[ok], targets[ok]
@@ -41,6 +51,17 @@ class Successors:
         x = np.asarray(lasts, dtype=np.int64)
         out = np.full((x.size, max(int(length), 0)), -1, dtype=np.int64)
         v = self.vocab
+        if x.size <= SMALL:
+            table = self.table
+            for b, t in enumerate(x.tolist()):
+                for d in range(out.shape[1]):
+                    if not 0 <= t < v:
+                        break
+                    t = int(table[t])
+                    if t < 0:
+                        break
+                    out[b, d] = t
+            return out
         x = np.where((x >= 0) & (x < v), x, v)      # v: the sentinel, whose successor is -1
         for d in range(out.shape[1]):
             x = self.table[x]

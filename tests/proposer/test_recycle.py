@@ -21,3 +21,29 @@ def test_chains_follow_successors_until_one_is_missing():
     out = s.chains(np.array([1, 4, 7]), 4)
     assert out.tolist() == [[2, 3, 1, 2], [5, -1, -1, -1], [-1, -1, -1, -1]]
     assert s.chains(np.array([1]), 0).shape == (1, 0)
+
+
+def test_the_small_path_agrees_with_the_batched_one():
+    """Updates and chains of at most SMALL rows run as plain Python: same table, same chains."""
+    from lade_vllm.proposer import recycle
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows = int(rng.integers(1, 2 * recycle.SMALL))
+        tokens = rng.integers(-2, 14, rows)
+        targets = rng.integers(-2, 14, rows)
+        small, big = Successors(12), Successors(12)
+        big.table[:] = small.table[:] = rng.integers(-1, 12, 13)
+        big.table[12] = small.table[12] = -1
+        small.update(tokens, targets)
+        for k in range(0, rows, 1 + recycle.SMALL):   # chunks > SMALL: the numpy path
+            chunk = slice(k, k + 1 + recycle.SMALL)
+            if tokens[chunk].size > recycle.SMALL:
+                big.update(tokens[chunk], targets[chunk])
+            else:
+                for t, g in zip(tokens[chunk], targets[chunk]):
+                    big.update(np.concatenate([[t], [-1] * recycle.SMALL]),
+                               np.concatenate([[g], [-1] * recycle.SMALL]))
+        assert small.table.tolist() == big.table.tolist()
+        lasts = rng.integers(-2, 14, int(rng.integers(1, recycle.SMALL + 1)))
+        padded = np.concatenate([lasts, np.full(recycle.SMALL + 1 - lasts.size, 3)])
+        assert small.chains(lasts, 5).tolist() == small.chains(padded, 5)[:lasts.size].tolist()
