@@ -264,9 +264,7 @@ class AdaptivePolicy(ChainLengths):
         """The exploited level: the current one unless another beats it beyond the noise. OFF,
         the level that cannot lose to plain decoding, is returned to for any gain above
         SWITCH_FLOOR: an early lucky estimate of a speculative level must not lock it in."""
-        cur = self.exploit
-        if cur is None:
-            return max(LEVELS, key=lambda lv: (est[lv].score, -lv))
+        cur = OFF if self.exploit is None else self.exploit   # after the warm-up: from OFF
 
         def margin(lv: int) -> float:
             if lv == OFF:

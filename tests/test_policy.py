@@ -260,3 +260,15 @@ def test_step_period_counts_the_gap_before_each_plan_and_not_idle_time():
     assert p.step(5.40, 5.30) == pytest.approx(0.10 + 0.03)
     assert p.step(5.50, None) is None                 # no step planned (nothing to measure)
     assert p.step(5.60, 5.51) == pytest.approx(0.09 + 0.01)
+
+
+def test_after_the_warm_up_a_level_must_beat_plain_decoding_beyond_the_noise():
+    """The first exploited level starts from OFF: a speculative level predicted ahead of plain
+    decoding by less than the two estimates' noise is not taken on the warm-up's few samples."""
+    from lade_vllm.policy import _Estimate
+    pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, CHAIN_NODES)
+    plain = _Estimate(100.0, 0.1, 0.1)
+    unsure = [plain, _Estimate(120.0, 0.2, 0.3), _Estimate(50.0, 0.5, 0.3), _Estimate(40.0, 1.0, 0.3)]
+    assert pol._exploit(unsure) == OFF
+    clear = [plain, _Estimate(150.0, 0.2, 0.3), _Estimate(50.0, 0.5, 0.3), _Estimate(40.0, 1.0, 0.3)]
+    assert pol._exploit(clear) == CHAIN
