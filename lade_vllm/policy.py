@@ -299,7 +299,9 @@ class AdaptivePolicy(ChainLengths):
         hope = [lv for lv in ok if hi(lv) >= est[cur].score]
         # with shadow chains CHAIN's acceptance stays measured: it is run for hope only
         stale = [lv for lv in ok if not (self.shadow and lv == CHAIN)]
-        if stale and self.explorations % 4 == 0:
+        if OFF in ok and self.explorations % 2 == 0:
+            level = OFF   # the baseline every other level is judged against stays measured
+        elif stale and self.explorations % 4 == 0:
             level = min(stale, key=lambda lv: self.last_used[lv])
         elif hope:
             level = max(hope, key=hi)

@@ -208,13 +208,15 @@ def draw_accepted(rng, h, cap: int, m: int) -> list[int]:
 
 
 def simulate_batch(r: int, p_match: float, h, a: float, b: float, c: float, steps: int,
-                   seed: int, shadow: bool = False, from_step: int | None = None):
+                   seed: int, shadow: bool = False, from_step: int | None = None,
+                   b_draft: float | None = None):
     """Batch ``r``; each request has a context match with chance ``p_match`` per step. A step
     costs a + b * tokens, plus ``c`` when it has drafts (rejection sampling and the draft
     bookkeeping cost a step with drafts more than a plain step of the same token count).
     ``shadow``: the matches not drafted are reported as shadow chains (after a prefill step of
     80 tokens per request, as the engine's policy sees one). Returns the throughput realised
-    from step ``from_step`` (default: the second half), in expectation."""
+    from step ``from_step`` (default: the second half), in expectation. ``b_draft``: seconds per
+    draft token of a CHAIN step (default ``b``; on a CPU every draft row also pays the LM head)."""
     rng = random.Random(seed)
     pol = AdaptivePolicy(FULL_NODES, LOOKUP_NODES, MAX_LEN, explore_every=16, shadow=shadow)
     if shadow:
@@ -238,6 +240,8 @@ def simulate_batch(r: int, p_match: float, h, a: float, b: float, c: float, step
             pol.observe_level(level, TREE_TOKENS[level], fed / r - 1)
         true = a + b * fed * (2.0 if level in TREE_LEVELS else 1.0) + (c if level != OFF and
                                                                         drafts else 0.0)
+        if level == CHAIN and b_draft is not None:
+            true += (b_draft - b) * (fed - r)
         pol.observe_step(fed, true * rng.lognormvariate(0.0, 0.3), tree=level in TREE_LEVELS,
                          drafts=level != OFF)
         if step >= (steps // 2 if from_step is None else from_step):
@@ -293,3 +297,19 @@ def test_shadow_chains_make_a_short_run_at_batch_32_cheap(name, p_match, h, floo
     with_shadow, without = ratios(True), ratios(False)
     assert min(with_shadow) >= floor, (name, with_shadow)
     assert sum(with_shadow) > sum(without), (with_shadow, without)
+
+
+def test_plain_decoding_stays_measured_while_chains_are_exploited():
+    """Batch 32, drafts at 1.75x a prefill token's cost (as measured on the 2-core CPU), 30% of
+    requests matched and their drafts seldom right: chains lose at every length. Whether the
+    policy drafts anyway rests on OFF's cost, which the warm-up measures from a few noisy steps;
+    every other exploration step re-measures OFF, so a stale high estimate of it is corrected
+    within a wave: >= 0.9x plain decoding on each of six seeds over a 130-step wave (0.888x in
+    the worst seed when OFF was only re-measured as the stalest level). Still short of 0.97x:
+    the chain and plain costs are two curves with nothing tying them together."""
+    r, a, b, c, b_draft = 32, 0.055, 0.0011, 0.006, 0.0019
+    h = (0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1)
+    plain = r / (a + b * r)
+    ratios = [simulate_batch(r, 0.3, h, a, b, c, 130, seed, shadow=True, from_step=0,
+                             b_draft=b_draft)[1] / plain for seed in range(1, 7)]
+    assert min(ratios) >= 0.9, ratios
