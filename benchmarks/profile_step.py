@@ -162,7 +162,7 @@ def _profile_one(args) -> dict:
     if args.spec:
         spec = json.loads(args.spec)
     if args.level:
-        os.environ["LADE_FORCE_LEVEL"] = args.level   # read by lade_vllm.engine's LadeEngine
+        os.environ["LADE_FORCE_LEVEL"] = args.level   # read when lade_vllm.engine builds its policy
     if args.full and spec is not None and "lade" in str(spec):
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,

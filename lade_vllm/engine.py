@@ -31,7 +31,7 @@ from lade_vllm.attention import TreeLayout
 from lade_vllm.chain_step import (ShadowChains, chain_candidates, count_matches, observe_chains,
                                   propose_chains, walk_chain)
 from lade_vllm.config import LadeConfig
-from lade_vllm.policy import CHAIN, LEVEL_NAMES, LOOKUP, OFF, AdaptivePolicy
+from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, forced_level
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, select_trees, storage_order
 from lade_vllm.proposer import LookaheadState
 from lade_vllm.proposer.recycle import Recycler
@@ -44,18 +44,6 @@ from lade_vllm.step_records import (Accepted, ProposeBatch, RequestInfo, Schedul
 #: between steps (lade_vllm.attention.dense_kv). Off by default: with it the soak test's memory
 #: grew 92 MiB from round 5 to 10 (bound 64) in one of three CI runs.
 DENSE_KV = os.environ.get("LADE_DENSE_KV", "0") == "1"
-
-
-def _forced_level(environ=None) -> int | None:
-    """LADE_FORCE_LEVEL=off|chain|lookup|full: every step at that level, whatever the policy
-    would choose (benchmarks: a level's own cost and tokens/step; "off": the plugin's cost on
-    plain steps). Read when an engine is built."""
-    name = (os.environ if environ is None else environ).get("LADE_FORCE_LEVEL") or None
-    if name is None:
-        return None
-    if name not in LEVEL_NAMES:
-        raise ValueError(f"LADE_FORCE_LEVEL={name!r}: expected one of {LEVEL_NAMES}")
-    return LEVEL_NAMES.index(name)
 
 
 class LadeEngine:
@@ -85,7 +73,7 @@ class LadeEngine:
             chain_nodes=max(cfg.ngram_size - 1, cfg.suffix_tokens), enabled=cfg.adaptive,
             explore_every=cfg.adaptive_explore_every,
             explore_margin=float(cfg.adaptive_explore_margin), shadow=cfg.adaptive,
-            forced=_forced_level())
+            forced=forced_level())
         # chain candidates not drafted, checked against the tokens committed next (the policy)
         self.shadow = ShadowChains(max_seqs, self.policy.chain.max_len) if cfg.adaptive else None
         # counters for tests and benchmarks; host_seconds = lade's own CPU work per step

@@ -95,6 +95,7 @@ about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
 from __future__ import annotations
 
 import math
+import os
 
 from lade_vllm.chains import (CHAIN_CLASSES, CHAIN_DECAY, CHAIN_PRIOR, TOP_MATCH,  # noqa: F401
                                ChainDepths, group_by_class, match_class)
@@ -118,6 +119,18 @@ EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction o
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 WARMUP_SHADOW_COST = 1.25  # with shadow chains the warm-up's chains cost at most this x plain
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
+
+
+def forced_level(environ=None) -> int | None:
+    """LADE_FORCE_LEVEL=off|chain|lookup|full: every step at that level, whatever the policy
+    would choose (benchmarks: a level's own cost and tokens/step; "off": the plugin's cost on
+    plain steps). Read when an engine is built."""
+    name = (os.environ if environ is None else environ).get("LADE_FORCE_LEVEL") or None
+    if name is None:
+        return None
+    if name not in LEVEL_NAMES:
+        raise ValueError(f"LADE_FORCE_LEVEL={name!r}: expected one of {LEVEL_NAMES}")
+    return LEVEL_NAMES.index(name)
 
 
 class AdaptivePolicy(ChainLengths):

@@ -78,11 +78,11 @@ def test_a_forced_level_is_run_every_step_and_counted(forced):
 
 
 def test_an_unknown_forced_level_is_refused():
-    from lade_vllm.engine import _forced_level
+    from lade_vllm.policy import forced_level
     with pytest.raises(ValueError, match="LADE_FORCE_LEVEL='fast'"):
-        _forced_level({"LADE_FORCE_LEVEL": "fast"})
-    assert _forced_level({"LADE_FORCE_LEVEL": "chain"}) == CHAIN
-    assert _forced_level({}) is None
+        forced_level({"LADE_FORCE_LEVEL": "fast"})
+    assert forced_level({"LADE_FORCE_LEVEL": "chain"}) == CHAIN
+    assert forced_level({}) is None
 
 
 def test_cost_model_is_monotone_and_interpolates():
