@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lade_vllm.config import LadeConfig
-from lade_vllm.engine import (LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch,
-                              select_trees)
+from lade_vllm.engine import LadeEngine, ProposeBatch, RequestInfo, ScheduledBatch
+from lade_vllm.proposal import select_trees
 from lade_vllm.proposer import LookaheadState
 
 V = 40
