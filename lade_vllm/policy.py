@@ -37,7 +37,11 @@ where R is the number of lookahead requests, ``base`` the other requests' tokens
   bookkeeping; at batch 32 with a few drafts in the batch ~6%), which one shared curve would hide
   whenever both fall in one bucket. Outside the range a chain or tree curve has measured (and
   above it until it spans 2x in tokens) it follows the plain curve's shape: its cost at the
-  nearest measured end times plain(T) / plain(end);
+  nearest measured end times plain(T) / plain(end). Either is floored at plain(T) less
+  ``FLOOR_K`` of its standard error: a draft row costs what a prefill row does and its LM-head
+  row besides, and OFF, seldom run once a speculative level is exploited, keeps the estimate
+  of its few samples while the exploited curve converges; untied, a stale high OFF estimate
+  would let a losing level look cheaper than plain decoding;
 - ``tokens_per_step(level)`` and ``nodes(level)``: the mean of the level's recent observations
   (values bounded by the tree size, so a mean is safe and, unlike a median, unbiased for
   integer-valued steps); priors below until measured; OFF is exactly 1 token and 0 nodes.
@@ -118,6 +122,8 @@ EXPLORE_COST = 2.0    # exploration never picks a step predicted dearer than thi
 EXPLORE_BUDGET = 0.02  # exploration's expected loss stays below this fraction of elapsed time
 BUDGET_STEPS = 512    # the budget saves at most this many exploited steps' share
 WARMUP_SHADOW_COST = 1.25  # with shadow chains the warm-up's chains cost at most this x plain
+FLOOR_K = 0.5         # a step with drafts costs at least a plain one of as many tokens, less
+                      # this many standard errors of the plain estimate
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
 
 
@@ -188,7 +194,8 @@ class AdaptivePolicy(ChainLengths):
         return self.cost_chain if level == CHAIN else self.cost_plain
 
     def cost(self, level: int, tokens: float) -> float:
-        """Estimated seconds of a step of ``tokens`` tokens at ``level``."""
+        """Estimated seconds of a step of ``tokens`` tokens at ``level``: never below a plain
+        step of as many tokens, less FLOOR_K of its standard error (see the module docstring)."""
         plain, model = self.cost_plain, self._model(level)
         if model is plain or not model.known():
             return plain(tokens)   # before any such step was timed: the plain curve
@@ -200,9 +207,12 @@ class AdaptivePolicy(ChainLengths):
         elif tokens < lo:
             end = lo
         else:
-            return model(tokens)
+            return max(model(tokens), self._plain_floor(tokens))
         # outside the measured range: as the plain curve grows from the nearest measured end
-        return model(end) * plain(tokens) / plain(end)
+        return max(model(end) * plain(tokens) / plain(end), self._plain_floor(tokens))
+
+    def _plain_floor(self, tokens: float) -> float:
+        return self.cost_plain(tokens) * (1.0 - min(0.5, FLOOR_K * self.cost_plain.se(tokens)))
 
     def _cost_se(self, level: int, tokens: float) -> float:
         return self._model(level).se(tokens)

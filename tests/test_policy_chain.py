@@ -302,14 +302,15 @@ def test_shadow_chains_make_a_short_run_at_batch_32_cheap(name, p_match, h, floo
 def test_plain_decoding_stays_measured_while_chains_are_exploited():
     """Batch 32, drafts at 1.75x a prefill token's cost (as measured on the 2-core CPU), 30% of
     requests matched and their drafts seldom right: chains lose at every length. Whether the
-    policy drafts anyway rests on OFF's cost, which the warm-up measures from a few noisy steps;
-    every other exploration step re-measures OFF, so a stale high estimate of it is corrected
-    within a wave: >= 0.9x plain decoding on each of six seeds over a 130-step wave (0.888x in
-    the worst seed when OFF was only re-measured as the stalest level). Still short of 0.97x:
-    the chain and plain costs are two curves with nothing tying them together."""
+    policy drafts anyway rests on OFF's cost, which the warm-up measures from a few noisy steps
+    and which is seldom re-measured once a chain is exploited, while the chain's own curve,
+    measured every step, converges. A step with drafts is priced at least at a plain step of as
+    many tokens (less half a standard error of that), so a stale high OFF estimate makes chains
+    look dear too: >= 0.96x plain decoding on each of twelve seeds over a 130-step wave, warm-up
+    included (0.911x in the worst seed with the two curves untied)."""
     r, a, b, c, b_draft = 32, 0.055, 0.0011, 0.006, 0.0019
     h = (0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1)
     plain = r / (a + b * r)
     ratios = [simulate_batch(r, 0.3, h, a, b, c, 130, seed, shadow=True, from_step=0,
-                             b_draft=b_draft)[1] / plain for seed in range(1, 7)]
-    assert min(ratios) >= 0.9, ratios
+                             b_draft=b_draft)[1] / plain for seed in range(1, 13)]
+    assert min(ratios) >= 0.96, ratios
