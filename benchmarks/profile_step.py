@@ -174,7 +174,7 @@ def _profile_one(args) -> dict:
     TIMES.clear()
     CALLS.clear()
     global PROFILER
-    if args.cprofile:
+    if args.cprofile and name.startswith("lade"):   # the hooks profiled are lade's
         import cProfile
         PROFILER = cProfile.Profile()
     res = measure.generate(llm, name, ps, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
