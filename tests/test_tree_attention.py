@@ -76,7 +76,8 @@ def _naive_attention(q, k, v, allowed, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_gather_kv_roundtrip(dtype, block_size):
-    from lade_vllm.attention.kv_layout import gather_kv, probe_layout
+    from lade_vllm.attention.kv_layout import (gather_blocks, gather_kv, probe_layout,
+                                               strided_layout)
 
     hd, kvh, nb = 64, 2, 9
     for isa in _isas(dtype, block_size, hd):
@@ -118,6 +119,13 @@ def test_gather_kv_roundtrip(dtype, block_size):
         for r, n in enumerate(lens):
             assert torch.equal(K[r, :, :n], ks[r].transpose(0, 1)), f"K mismatch isa={isa} r={r}"
             assert torch.equal(V[r, :, :n], vs[r].transpose(0, 1)), f"V mismatch isa={isa} r={r}"
+        layout = strided_layout(k_perm, v_perm)
+        if isa == "vec":
+            assert layout is not None   # K [hd, bs], V [bs, hd]: both affine
+        if layout is not None:   # the block copy reads the same K and V
+            for length in (nblk * block_size, lens[0]):
+                Kb, Vb = gather_blocks(kv_cache, bt, layout, length)
+                assert torch.equal(Kb, K[:, :, :length]) and torch.equal(Vb, V[:, :, :length])
 
 
 def test_probe_vec_layout_is_transposed_k():

@@ -58,7 +58,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from lade_vllm.attention import TreeLayout, get_step_layout
 from lade_vllm.attention.dense_kv import DenseKV, PrefixLedger
-from lade_vllm.attention.kv_layout import gather_kv, probe_layout, token_gather_index
+from lade_vllm.attention.kv_layout import (gather_blocks, gather_kv, probe_layout, strided_layout,
+                                           token_gather_index)
 from lade_vllm.attention.tree_math import mask_bias, masked_attention
 from lade_vllm.attention.tree_rows import tree_rows
 
@@ -98,7 +99,8 @@ class TreeAttnPlan:
     starts: list[int] = field(default_factory=list)     # [R] rows every layer's copy holds
     dropped: list[str] = field(default_factory=list)    # copies every layer drops this step
     # built by the first layer that needs them, reused by the others (same step, same group)
-    kv_index: dict = field(default_factory=dict)  # (isa, dtype, cache shape[, r, start]) -> index
+    # (isa, dtype, cache shape[, r, start]) -> gather index, or a strided layout (a tuple)
+    kv_index: dict = field(default_factory=dict)
     bias: dict = field(default_factory=dict)      # dtype[, r] -> additive mask [R|1, 1, Tq, L]
 
     @property
@@ -271,10 +273,15 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         if index is None:
             k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
                                           self.kv_cache_dtype)
-            index = token_gather_index(kv_cache, plan.block_table, k_perm, v_perm,
-                                       plan.max_kv_len)
+            # a strided layout (vLLM's vec ISA) is read block by block; any other element by
+            # element through a per-step index
+            index = strided_layout(k_perm, v_perm) or token_gather_index(
+                kv_cache, plan.block_table, k_perm, v_perm, plan.max_kv_len)
             plan.kv_index[cache_key] = index
-        k, v = gather_kv(kv_cache, plan.block_table, None, None, index)   # [R, kvh, L, hd]
+        if isinstance(index, tuple):
+            k, v = gather_blocks(kv_cache, plan.block_table, index, plan.max_kv_len)
+        else:
+            k, v = gather_kv(kv_cache, plan.block_table, None, None, index)   # [R, kvh, L, hd]
         bias = plan.bias.get(query.dtype)
         if bias is None:
             bias = plan.bias[query.dtype] = mask_bias(plan.allowed, query.dtype)

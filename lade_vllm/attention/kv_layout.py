@@ -205,3 +205,47 @@ def gather_kv(
                                    block_table_rows.shape[1] * bs)
     kv = kv_cache.view(-1).index_select(0, index.view(-1)).view(index.shape)
     return kv[0], kv[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(perm_key: tuple, bs: int, hd: int) -> tuple[int, int, int] | None:
+    perm = torch.tensor(perm_key).view(bs, hd)
+    off = int(perm[0, 0])
+    so = int(perm[1, 0]) - off if bs > 1 else 0
+    sd = int(perm[0, 1]) - off if hd > 1 else 0
+    expect = off + torch.arange(bs)[:, None] * so + torch.arange(hd)[None, :] * sd
+    return (off, so, sd) if torch.equal(perm, expect) else None
+
+
+def strided_layout(k_perm: torch.Tensor, v_perm: torch.Tensor) -> tuple | None:
+    """``((k_offset, k_token_stride, k_dim_stride), (v_...))`` inside one (block, kv-head)
+    region when both :func:`probe_layout` permutations are affine in (token, dim), as for vLLM
+    0.32's ``vec`` ISA (K stored [hd, bs], V [bs, hd]); None otherwise."""
+    bs, hd = k_perm.shape
+    k = _affine(tuple(k_perm.flatten().tolist()), bs, hd)
+    v = _affine(tuple(v_perm.flatten().tolist()), bs, hd)
+    return None if k is None or v is None else (k, v)
+
+
+def gather_blocks(
+    kv_cache: torch.Tensor,
+    block_table_rows: torch.Tensor,
+    layout: tuple,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_kv` for a :func:`strided_layout` cache: the requests' whole blocks are
+    copied (one index per block, not per element), then K and V are read from them as strided
+    views. Returns ``(K, V)``, each ``[R, kvh, length, hd]``."""
+    nb, kvh, bs, two_hd = kv_cache.shape
+    hd, region = two_hd // 2, bs * two_hd
+    R, nblk = block_table_rows.shape
+    ids = block_table_rows.to(torch.long).clamp(0, nb - 1).reshape(-1)
+    blocks = kv_cache.view(nb, kvh, region).index_select(0, ids)   # [R * nblk, kvh, region]
+
+    def part(off: int, so: int, sd: int) -> torch.Tensor:
+        view = blocks.as_strided((R, nblk, kvh, bs, hd),
+                                 (nblk * kvh * region, kvh * region, region, so, sd), off)
+        return view.permute(0, 2, 1, 3, 4).reshape(R, kvh, nblk * bs, hd)[:, :, :length]
+
+    (k, v) = layout
+    return part(*k), part(*v)
