@@ -30,7 +30,7 @@ import torch
 from lade_vllm.attention import TreeLayout
 from lade_vllm.chain_step import ShadowChains, chain_candidates, count_matches, propose_chains
 from lade_vllm.config import LadeConfig
-from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, forced_level
+from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, decision_log, forced_level
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
 from lade_vllm.proposer import LookaheadState
 from lade_vllm.proposer.recycle import Recycler
@@ -71,7 +71,7 @@ class LadeEngine(StepVerifier):
             chain_nodes=max(cfg.ngram_size - 1, cfg.suffix_tokens), enabled=cfg.adaptive,
             explore_every=cfg.adaptive_explore_every,
             explore_margin=float(cfg.adaptive_explore_margin), shadow=cfg.adaptive,
-            forced=forced_level())
+            forced=forced_level(), log=decision_log())
         # chain candidates not drafted, checked against the tokens committed next (the policy)
         self.shadow = ShadowChains(max_seqs, self.policy.chain.max_len) if cfg.adaptive else None
         # counters for tests and benchmarks; host_seconds = lade's own CPU work per step

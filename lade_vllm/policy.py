@@ -98,6 +98,7 @@ about one sample per step of the last ``HORIZON`` plus ``MIN_KEEP`` per bucket.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -139,13 +140,22 @@ def forced_level(environ=None) -> int | None:
     return LEVEL_NAMES.index(name)
 
 
+def decision_log(environ=None):
+    """LADE_POLICY_LOG=path: one JSON line per decision appended to ``path`` (step, level, the
+    exploited level, requests, other tokens, matches per chain class, chain cut, each level's
+    score / cost / error), for diagnosing a benchmark's choices. Read when an engine is built."""
+    path = (os.environ if environ is None else environ).get("LADE_POLICY_LOG") or None
+    return open(path, "a", buffering=1) if path else None
+
+
 class AdaptivePolicy(ChainLengths):
     """Chooses OFF / CHAIN / LOOKUP / FULL per step; see the module docstring."""
 
     def __init__(self, full_nodes: int, lookup_nodes: int, chain_nodes: int | None = None,
                  enabled: bool = True, explore_every: int = 16, explore_margin: float = 0.6,
-                 shadow: bool = False, forced: int | None = None):
+                 shadow: bool = False, forced: int | None = None, log=None):
         self.enabled = enabled
+        self.log = log         # a text file: one JSON line per decision (LADE_POLICY_LOG)
         self.forced = forced   # every step at this level (benchmarks: LADE_FORCE_LEVEL)
         self.shadow = shadow   # the driver reports undrafted chains (observe_shadow)
         self.explore_margin = explore_margin
@@ -276,12 +286,22 @@ class AdaptivePolicy(ChainLengths):
                             for c, m in enumerate(self.matched)]
             if not any(m and self.cut[c] for c, m in enumerate(self.matched)):
                 level = OFF   # every matched class is cut to 0 drafts: a plain step
+        if self.log is not None:
+            self._log(level, num_reqs, base_tokens)
         self.last_used[level] = self.steps
         self.history[level] += 1
         if self.steps % TRIM_EVERY == 0:   # age the levels not run lately too
             for mean in self.tokens + self.nodes:
                 mean.trim(self.steps)
         return level
+
+    def _log(self, level: int, num_reqs: int, base_tokens: int) -> None:
+        est = [self.estimate(lv, num_reqs, base_tokens) for lv in LEVELS]
+        self.log.write(json.dumps({
+            "step": self.steps, "level": level, "exploit": self.exploit, "reqs": num_reqs,
+            "base": base_tokens, "matched": self.matched, "cut": self.cut,
+            "est": [[round(e.score, 2), round(e.cost * 1e3, 2), round(e.se, 4)] for e in est]})
+            + "\n")
 
     def _exploit(self, est: list[_Estimate]) -> int:
         """The exploited level: the current one unless another beats it beyond the noise. OFF,
@@ -345,6 +365,11 @@ class AdaptivePolicy(ChainLengths):
         ``tree``: some of its requests used tree attention; ``drafts``: some had drafts."""
         model = self.cost_tree if tree else self.cost_chain if drafts else self.cost_plain
         typical = model.observe(tokens, seconds, self.steps)
+        if self.log is not None:
+            self.log.write(json.dumps({"observed": self.steps, "tokens": tokens,
+                                       "ms": round(seconds * 1e3, 2),
+                                       "kind": "tree" if tree else "chain" if drafts else "plain"})
+                           + "\n")
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical

@@ -272,3 +272,26 @@ def test_after_the_warm_up_a_level_must_beat_plain_decoding_beyond_the_noise():
     assert pol._exploit(unsure) == OFF
     clear = [plain, _Estimate(150.0, 0.2, 0.3), _Estimate(50.0, 0.5, 0.3), _Estimate(40.0, 1.0, 0.3)]
     assert pol._exploit(clear) == CHAIN
+
+
+def test_the_decision_log_has_a_line_per_decision_and_per_timed_step(tmp_path):
+    """LADE_POLICY_LOG=path: each decision (level, estimates) and each timed step is one JSON
+    line; without the variable nothing is opened."""
+    import json
+
+    from lade_vllm.policy import decision_log
+    assert decision_log({}) is None
+    path = tmp_path / "policy.jsonl"
+    pol = AdaptivePolicy(55, 12, 4, log=decision_log({"LADE_POLICY_LOG": str(path)}))
+    for _ in range(12):
+        level = pol.choose(4, 0)
+        pol.observe_step(4 if level == OFF else 16, 0.01, drafts=level != OFF)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    decisions = [x for x in lines if "level" in x]
+    timed = [x for x in lines if "observed" in x]
+    assert [d["step"] for d in decisions] == list(range(1, 13))
+    levels = [d["level"] for d in decisions]
+    assert [levels.count(lv) for lv in range(4)] == pol.history   # the levels actually run
+    assert all(len(d["est"]) == 4 and d["reqs"] == 4 for d in decisions)
+    assert [t["tokens"] for t in timed] == [4 if lv == OFF else 16 for lv in levels]
+    assert all(t["ms"] == 10.0 for t in timed)
