@@ -58,7 +58,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from lade_vllm.attention import TreeLayout, get_step_layout
 from lade_vllm.attention.dense_kv import DenseKV, PrefixLedger
-from lade_vllm.attention.kv_layout import (gather_blocks, gather_kv, probe_layout, strided_layout,
+from lade_vllm.attention.kv_layout import (gather_blocks, gather_kv, probe_layout, probe_strided,
                                            token_gather_index)
 from lade_vllm.attention.tree_math import mask_bias, masked_attention
 from lade_vllm.attention.tree_rows import tree_rows
@@ -271,12 +271,15 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
             return
         index = plan.kv_index.get(cache_key)
         if index is None:
-            k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
-                                          self.kv_cache_dtype)
             # a strided layout (vLLM's vec ISA) is read block by block; any other element by
             # element through a per-step index
-            index = strided_layout(k_perm, v_perm) or token_gather_index(
-                kv_cache, plan.block_table, k_perm, v_perm, plan.max_kv_len)
+            index = probe_strided(isa, kv_cache.dtype, block_size, head_size,
+                                  self.kv_cache_dtype)
+            if index is None:
+                k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
+                                              self.kv_cache_dtype)
+                index = token_gather_index(kv_cache, plan.block_table, k_perm, v_perm,
+                                           plan.max_kv_len)
             plan.kv_index[cache_key] = index
         if isinstance(index, tuple):
             k, v = gather_blocks(kv_cache, plan.block_table, index, plan.max_kv_len)

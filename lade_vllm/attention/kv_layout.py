@@ -207,9 +207,8 @@ def gather_kv(
     return kv[0], kv[1]
 
 
-@functools.lru_cache(maxsize=64)
-def _affine(perm_key: tuple, bs: int, hd: int) -> tuple[int, int, int] | None:
-    perm = torch.tensor(perm_key).view(bs, hd)
+def _affine(perm: torch.Tensor) -> tuple[int, int, int] | None:
+    bs, hd = perm.shape
     off = int(perm[0, 0])
     so = int(perm[1, 0]) - off if bs > 1 else 0
     sd = int(perm[0, 1]) - off if hd > 1 else 0
@@ -221,10 +220,15 @@ def strided_layout(k_perm: torch.Tensor, v_perm: torch.Tensor) -> tuple | None:
     """``((k_offset, k_token_stride, k_dim_stride), (v_...))`` inside one (block, kv-head)
     region when both :func:`probe_layout` permutations are affine in (token, dim), as for vLLM
     0.32's ``vec`` ISA (K stored [hd, bs], V [bs, hd]); None otherwise."""
-    bs, hd = k_perm.shape
-    k = _affine(tuple(k_perm.flatten().tolist()), bs, hd)
-    v = _affine(tuple(v_perm.flatten().tolist()), bs, hd)
+    k, v = _affine(k_perm), _affine(v_perm)
     return None if k is None or v is None else (k, v)
+
+
+@functools.lru_cache(maxsize=64)
+def probe_strided(isa: str, dtype: torch.dtype, block_size: int, head_size: int,
+                  kv_cache_dtype: str = "auto") -> tuple | None:
+    """:func:`strided_layout` of :func:`probe_layout`'s result, once per cache kind."""
+    return strided_layout(*probe_layout(isa, dtype, block_size, head_size, kv_cache_dtype))
 
 
 def gather_blocks(
