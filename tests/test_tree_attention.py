@@ -283,8 +283,21 @@ def _run(b, bld, impl, layout, new_kv=False):
     return out, md
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def tree_path(request, monkeypatch):
+    """Tree rows through the compiled kernel (lade_vllm.attention.tree_kernel, built by
+    ``make setup``) or through torch's attention over the gathered prefix."""
+    from lade_vllm.attention import tree_kernel
+
+    if request.param == "kernel":
+        assert tree_kernel.kernel() is not None, "tree kernel not built: run `make setup`"
+    else:
+        monkeypatch.setattr(tree_kernel, "kernel", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_parity_chain_and_tree(dtype, monkeypatch):
+def test_kernel_parity_chain_and_tree(dtype, monkeypatch, tree_path):
     from lade_vllm.attention.cpu_tree import LadeCPUAttentionMetadata
 
     H, KVH, hd, bs = 4, 2, 64, 32
@@ -341,6 +354,9 @@ def test_dense_prefix_copies_follow_committed_tokens(dtype, monkeypatch):
     prefix: the copy is extended by the rows committed in between, rebuilt when stale."""
     H, KVH, hd, bs = 4, 2, 64, 32
     isa = _picked_isa(dtype, bs, hd)
+    from lade_vllm.attention import tree_kernel
+
+    monkeypatch.setattr(tree_kernel, "kernel", lambda: None)   # the copies serve torch's path
     # req0: a tree decoded over 3 steps (boundary 50 -> 53 -> 59); req1: a 3-token chain
     b = _Batch([50, 20], [12, 3], H=H, KVH=KVH, hd=hd, bs=bs, dtype=dtype, isa=isa, seed=3)
     bld, impl = _builder(b), _impl(b, monkeypatch)
@@ -407,3 +423,45 @@ def test_register_backend_override():
             from vllm.v1.attention.backends.registry import register_backend
 
             register_backend(AttentionBackendEnum.CPU_ATTN, prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs,seed", [(32, 0), (32, 1), (128, 2)])
+def test_compiled_kernel_on_random_batches(dtype, bs, seed, monkeypatch):
+    """The compiled kernel reads the paged cache in place: random tries (some requests decoded
+    causally by vLLM's kernel beside them), prefixes on and off block edges, 3 query heads per
+    KV head; every tree row matches a float64 reference, every other row vLLM's kernel."""
+    from lade_vllm.attention import tree_kernel
+
+    fn = tree_kernel.kernel()
+    assert fn is not None, "tree kernel not built: run `make setup`"
+    calls = []
+    monkeypatch.setattr(tree_kernel, "kernel", lambda: (lambda *a: (calls.append(1), fn(*a))))
+    gen = torch.Generator().manual_seed(seed)
+    edges = [0, 1, bs - 1, bs, 2 * bs + 5, 3 * bs]
+    prefix = [edges[int(torch.randint(0, len(edges), (1,), generator=gen))] for _ in range(5)]
+    q_lens = [int(torch.randint(1, 41, (1,), generator=gen)) for _ in range(5)]
+    H, KVH, hd = 9, 3, 64
+    isa = _picked_isa(dtype, bs, hd)
+    b = _Batch(prefix, q_lens, H=H, KVH=KVH, hd=hd, bs=bs, dtype=dtype, isa=isa, seed=seed)
+    bld, impl = _builder(b), _impl(b, monkeypatch)
+    ref, _ = _run(b, bld, impl, None)
+    trees = [r for r in range(5) if r != 2]      # request 2 stays a causal chain
+    masks = [_random_tree(q_lens[r], gen) for r in trees]
+    out, md = _run(b, bld, impl, TreeLayout(trees, masks))
+    assert md.tree is not None and (not calls) == (isa != "vec")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    starts = [0]
+    for t in q_lens:
+        starts.append(starts[-1] + t)
+    rows2 = slice(starts[2], starts[3])
+    assert torch.equal(out[rows2], ref[rows2])
+    for r, m in zip(trees, masks):
+        p, T = prefix[r], q_lens[r]
+        allowed = torch.zeros(T, p + T, dtype=torch.bool)
+        allowed[:, :p] = True
+        allowed[:, p:] = m
+        rows = slice(starts[r], starts[r + 1])
+        exp = _naive_attention(b.query[rows].float(), b.k[r].float(), b.v[r].float(), allowed,
+                               hd**-0.5)
+        torch.testing.assert_close(out[rows].double(), exp, **tol)

@@ -13,8 +13,11 @@ What is subclassed / overridden (vllm 0.32.0, paths under ``vllm/``):
   - ``CPUAttentionBackendImpl.forward``: super().forward() runs
     vLLM's kernel ``ops.cpu_attention_with_kv_cache`` for the whole
     batch (exact for non-tree rows), then the rows of tree requests are
-    overwritten with a dense masked attention over the request's K/V gathered
-    from the paged cache (or, when the layout names its requests, opt-in
+    overwritten: by lade's compiled kernel reading the paged cache in place
+    (:mod:`lade_vllm.attention.tree_kernel`, built by ``make setup``; vLLM's
+    ``vec`` layout) where it is built and fits, else by a dense masked attention
+    over the request's K/V gathered from the paged cache (or, when the layout
+    names its requests, opt-in
     ``LADE_DENSE_KV=1``: a per-layer dense copy of the prefix extended by the
     tokens committed since its last tree step, :mod:`lade_vllm.attention.dense_kv`,
     plus the step's own K/V from the layer's ``key``/``value`` inputs). The cache element order is probed, not assumed
@@ -56,7 +59,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     _get_attn_isa,
 )
 
-from lade_vllm.attention import TreeLayout, get_step_layout
+from lade_vllm.attention import TreeLayout, get_step_layout, tree_kernel
 from lade_vllm.attention.dense_kv import DenseKV, PrefixLedger
 from lade_vllm.attention.kv_layout import (gather_blocks, gather_kv, probe_layout, probe_strided,
                                            token_gather_index)
@@ -93,6 +96,7 @@ class TreeAttnPlan:
     max_kv_len: int  # L
     sizes: list[int] = field(default_factory=list)      # [R] tree size T
     prefixes: list[int] = field(default_factory=list)   # [R] p
+    tree_masks: torch.Tensor | None = None  # [R, Tq, Tq] bool ancestor masks (padded)
     covers_all: bool = False  # every scheduled token is a tree token: skip vLLM's kernel
     # dense prefix copies (set by the builder when the layout names its requests)
     req_keys: list[str] | None = None
@@ -151,7 +155,7 @@ def build_tree_plan(
                         query_valid=query_valid, block_table=bt, prefix_lens=prefix,
                         kv_lens=kv_lens, allowed=allowed, flat_src=rows.flat_src,
                         flat_dst=rows.flat_dst, max_query_len=Tq, max_kv_len=L,
-                        sizes=T.tolist(), prefixes=prefix.tolist())
+                        sizes=T.tolist(), prefixes=prefix.tolist(), tree_masks=masks)
 
 
 class LadeCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -266,6 +270,10 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
             kv_cache.dtype, block_size, head_size, self.kv_cache_dtype
         )
         cache_key = (isa, kv_cache.dtype, tuple(kv_cache.shape))
+        strided = probe_strided(isa, kv_cache.dtype, block_size, head_size, self.kv_cache_dtype)
+        if strided is not None and self._kernel_overwrite(query, kv_cache, plan, output,
+                                                          strided):
+            return
         if plan.req_keys is not None and key is not None and value is not None:
             self._tree_rows_dense(query, key, value, kv_cache, plan, output, cache_key)
             return
@@ -273,8 +281,7 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         if index is None:
             # a strided layout (vLLM's vec ISA) is read block by block; any other element by
             # element through a per-step index
-            index = probe_strided(isa, kv_cache.dtype, block_size, head_size,
-                                  self.kv_cache_dtype)
+            index = strided
             if index is None:
                 k_perm, v_perm = probe_layout(isa, kv_cache.dtype, block_size, head_size,
                                               self.kv_cache_dtype)
@@ -299,6 +306,27 @@ class LadeCPUAttentionImpl(CPUAttentionBackendImpl):
         )
         out_view = output.view(output.shape[0], self.num_heads, -1)
         out_view.index_copy_(0, plan.flat_dst, out_rows.to(output.dtype))
+
+    def _kernel_overwrite(self, query, kv_cache, plan: TreeAttnPlan, output, layout) -> bool:
+        """The tree rows through the compiled kernel, reading the paged cache in place
+        (lade_vllm.attention.tree_kernel); False where it is not built or does not fit."""
+        fn = tree_kernel.kernel()
+        _, _, block_size, two_hd = kv_cache.shape
+        if fn is None or query.dtype != kv_cache.dtype or output.dtype != kv_cache.dtype \
+                or not tree_kernel.supports(layout, kv_cache.dtype, block_size, two_hd // 2):
+            return False
+        args = plan.kv_index.get("kernel")
+        if args is None:   # once per step, shared by the layers
+            args = plan.kv_index["kernel"] = (
+                plan.block_table.to(torch.int32).contiguous(), plan.query_rows.contiguous(),
+                torch.tensor(plan.sizes, dtype=torch.long),
+                torch.tensor(plan.prefixes, dtype=torch.long),
+                plan.tree_masks.to(torch.uint8).contiguous())
+        q = query.reshape(query.shape[0], -1)
+        out = output.view(output.shape[0], -1)
+        tree_kernel.tree_attention(fn, q, out, kv_cache, *args, layout, self.num_heads,
+                                   self.scale)
+        return True
 
     def _tree_rows_dense(self, query, key, value, kv_cache, plan: TreeAttnPlan, output,
                          cache_key) -> None:
