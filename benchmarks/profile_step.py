@@ -3,7 +3,10 @@
 Runs the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and wraps the runner's phases with
 wall-clock timers, then prints milliseconds per engine step for each phase:
 
-    .venv/bin/python benchmarks/profile_step.py [--methods vanilla,ngram,lade-small] [--batch 1]
+    .venv/bin/python benchmarks/profile_step.py [--methods vanilla,ngram,lade] [--batch 1]
+
+Methods: tools.demo's (vanilla, ngram, lade) and vanilla-sync (vanilla with async scheduling off,
+as vLLM runs every custom drafter: the baseline for lade's own cost on plain steps, ``--level off``).
 
 Phases (vLLM 0.32 GPUModelRunner, nested ones indented):
   execute_model      whole forward part of a step (inputs + model)
@@ -100,7 +103,7 @@ INDENT = {"prepare_inputs": 1, "lade_before_forward": 2, "model_forward": 1, "at
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", default="vanilla,ngram,lade-small,lade")
+    ap.add_argument("--methods", default="vanilla,ngram,lade")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--batch", type=int, default=1)
@@ -158,7 +161,9 @@ def _profile_one(args) -> dict:
     from tools.models import model_path
 
     name = args.one
-    spec = METHODS[name]
+    # vanilla-sync: vanilla with async scheduling off, as vLLM runs every custom drafter
+    spec = None if name == "vanilla-sync" else METHODS[name]
+    engine_args = {"async_scheduling": False} if name == "vanilla-sync" else {}
     if args.spec:
         spec = json.loads(args.spec)
     if args.level:
@@ -168,7 +173,7 @@ def _profile_one(args) -> dict:
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,
               max_model_len=2048, seed=0, speculative_config=spec,
               disable_log_stats=False, enforce_eager=args.eager,
-              worker_extension_cls="tools.testing.ForwardCounter")
+              worker_extension_cls="tools.testing.ForwardCounter", **engine_args)
     ps = prompts.load(args.dataset, args.prompts, llm.get_tokenizer())
     measure.generate(llm, name, ps[:1], SamplingParams(temperature=0.0, max_tokens=8))
     TIMES.clear()

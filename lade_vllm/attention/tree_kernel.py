@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def build(verbose: bool = False):
 
     name = module_name()
     out = build_dir() / name
+    for old in build_dir().glob("lade_tree_attn_*"):   # builds of earlier sources
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return load(name=name, sources=[str(SOURCE)], build_directory=str(out),
                 extra_cflags=CFLAGS, verbose=verbose)

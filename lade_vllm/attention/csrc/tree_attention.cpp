@@ -7,9 +7,11 @@
 // (block, kv head) holds K of token t, dim d at k_off + t * k_so + d * k_sd and V at
 // v_off + t * v_so + d * v_sd (lade_vllm.attention.kv_layout.strided_layout); this kernel needs
 // k_so == 1 (K stored [hd, bs]) and v_sd == 1 (V stored [bs, hd]), vLLM 0.32's vec ISA.
-// Arithmetic in float32 (bf16 inputs are widened), online softmax per row (flash attention).
-// Work items: (request, kv head, 8 query rows); the rows of one kv head are its G query heads x
-// the request's nodes, node-major. Parallel over items with ATen's intra-op pool.
+// Online softmax per row (flash attention) in float32. float32 inputs: float32 products; bfloat16
+// inputs on CPUs with AVX512-BF16: q.K and w.V through bf16 dot products with float32
+// accumulation (the weights w rounded to bf16), else widened to float32.
+// Work items: (request, kv head, up to 16 query rows); the rows of one kv head are its G query
+// heads x the request's nodes, node-major. Parallel over items with ATen's intra-op pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,7 +19,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LADE_BF16_DOT 1   // bf16 inputs: products through AVX512-BF16 dot products
+#endif
 
 namespace {
 
@@ -26,7 +34,8 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
 
-constexpr int ROWS = 8;    // query rows per work item (one score tile)
+constexpr int ROWS_BF16 = 16;   // query rows per work item (fewer for a head's last rows)
+constexpr int ROWS_F32 = 8;
 constexpr int W = 16;      // floats per vector
 
 inline v16 splat(float x) { return v16{} + x; }
@@ -83,6 +92,26 @@ inline float hsum(v16 v) {
   return s;
 }
 
+#ifdef LADE_BF16_DOT
+// 16 bf16 of row a and 16 of row b (b null: zeros) as 16 (a, b) pairs for _mm512_dpbf16_ps; the
+// pairs come in lane order UNPERM (unpack works within 128-bit lanes), undone on the results.
+inline __m512i pairs(const uint16_t* a, const uint16_t* b) {
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  __m256i y = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : _mm256_setzero_si256();
+  __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+inline __m512 unperm(__m512 v) {
+  const __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+  return _mm512_permutexvar_ps(idx, v);
+}
+
+inline __m512 dot2(__m512 acc, __m512i pairs_, uint32_t both) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)pairs_, (__m512bh)_mm512_set1_epi32(both));
+}
+#endif
+
 struct Args {
   const void* query;
   int64_t q_stride;          // elements between query rows
@@ -101,30 +130,40 @@ struct Args {
   float scale;
 };
 
-template <typename T>
+template <typename T, int NR>
 void run_item(const Args& a, int64_t r, int64_t h, int64_t row0) {
   const int64_t G = a.heads / a.kvh, n_nodes = a.sizes[r], p = a.prefixes[r];
-  const int64_t nrows = std::min<int64_t>(ROWS, n_nodes * G - row0);
+  const int64_t nrows = std::min<int64_t>(NR, n_nodes * G - row0);
   const int64_t hd = a.hd, bs = a.bs, region = 2 * bs * hd;
   const T* cache = static_cast<const T*>(a.cache);
   const T* query = static_cast<const T*>(a.query);
   const int nv = static_cast<int>(hd / W);
 
   // rows of this item: node = row / G, head = h * G + row % G; padded rows repeat the last
-  int64_t node[ROWS], head[ROWS];
-  alignas(64) float q[ROWS][256];
-  for (int k = 0; k < ROWS; ++k) {
+  int64_t node[NR], head[NR];
+  alignas(64) float q[NR][256];
+#ifdef LADE_BF16_DOT
+  uint32_t qp[NR][128];
+  std::vector<uint16_t> wbuf(NR * (bs + 2));
+#endif
+  for (int k = 0; k < NR; ++k) {
     int64_t row = row0 + std::min<int64_t>(k, nrows - 1);
     node[k] = row / G;
     head[k] = h * G + row % G;
     const T* src = query + a.query_rows[r * a.tq + node[k]] * a.q_stride + head[k] * hd;
     for (int64_t d = 0; d < hd; ++d) q[k][d] = to_float(src[d]) * a.scale;
+#ifdef LADE_BF16_DOT
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {   // unscaled bf16 pairs (d, d + 1)
+      const uint16_t* qb = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < hd; d += 2) qp[k][d / 2] = qb[d] | (uint32_t(qb[d + 1]) << 16);
+    }
+#endif
   }
-  alignas(64) float acc[ROWS][256];
+  alignas(64) float acc[NR][256];
   std::memset(acc, 0, sizeof(acc));
-  float m[ROWS], l[ROWS];
-  for (int k = 0; k < ROWS; ++k) { m[k] = -std::numeric_limits<float>::infinity(); l[k] = 0.f; }
-  std::vector<float> sbuf(ROWS * bs);
+  float m[NR], l[NR];
+  for (int k = 0; k < NR; ++k) { m[k] = -std::numeric_limits<float>::infinity(); l[k] = 0.f; }
+  std::vector<float> sbuf(NR * bs);
   float* s = sbuf.data();
   const uint8_t* anc = a.anc + r * a.tq * a.tq;
   const int64_t end = p + n_nodes;   // keys: the prefix, then the tree's nodes
@@ -135,19 +174,34 @@ void run_item(const Args& a, int64_t r, int64_t h, int64_t row0) {
     const int64_t cnt = std::min(bs, end - b0);
     const int64_t nchunks = (cnt + W - 1) / W;
     // scores: s[k][t] = q[k] . K[t]
+#ifdef LADE_BF16_DOT
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const uint16_t* kb = reinterpret_cast<const uint16_t*>(base + a.k_off);
+      for (int64_t c = 0; c < nchunks; ++c) {
+        __m512 sc[NR];
+        for (int k = 0; k < NR; ++k) sc[k] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; d += 2) {
+          __m512i z = pairs(kb + d * a.k_sd + c * W, kb + (d + 1) * a.k_sd + c * W);
+          for (int k = 0; k < NR; ++k) sc[k] = dot2(sc[k], z, qp[k][d / 2]);
+        }
+        for (int k = 0; k < NR; ++k)
+          _mm512_storeu_ps(s + k * bs + c * W, _mm512_mul_ps(unperm(sc[k]), _mm512_set1_ps(a.scale)));
+      }
+    } else
+#endif
     for (int64_t c = 0; c < nchunks; ++c) {
-      v16 sc[ROWS];
-      for (int k = 0; k < ROWS; ++k) sc[k] = splat(0.f);
+      v16 sc[NR];
+      for (int k = 0; k < NR; ++k) sc[k] = splat(0.f);
       const T* kp = base + a.k_off + c * W;
       for (int64_t d = 0; d < hd; ++d) {
         v16 kv = load16(kp + d * a.k_sd);
-        for (int k = 0; k < ROWS; ++k) sc[k] += q[k][d] * kv;
+        for (int k = 0; k < NR; ++k) sc[k] += q[k][d] * kv;
       }
-      for (int k = 0; k < ROWS; ++k) std::memcpy(s + k * bs + c * W, &sc[k], sizeof(v16));
+      for (int k = 0; k < NR; ++k) std::memcpy(s + k * bs + c * W, &sc[k], sizeof(v16));
     }
     // mask: past the keys, and tree nodes that are not the row's ancestors
     const int64_t padded = nchunks * W;
-    for (int k = 0; k < ROWS && (cnt < padded || b0 + cnt > p); ++k) {
+    for (int k = 0; k < NR && (cnt < padded || b0 + cnt > p); ++k) {
       float* sk = s + k * bs;
       const uint8_t* ak = anc + node[k] * a.tq;
       for (int64_t t = 0; t < padded; ++t) {
@@ -156,7 +210,7 @@ void run_item(const Args& a, int64_t r, int64_t h, int64_t row0) {
       }
     }
     // online softmax: rescale the accumulators to the new running max, scores -> weights
-    for (int k = 0; k < ROWS; ++k) {
+    for (int k = 0; k < NR; ++k) {
       float* sk = s + k * bs;
       v16 mx = splat(-std::numeric_limits<float>::infinity());
       for (int64_t c = 0; c < nchunks; ++c) {
@@ -182,7 +236,47 @@ void run_item(const Args& a, int64_t r, int64_t h, int64_t row0) {
         for (int64_t d = 0; d < hd; ++d) acc[k][d] *= corr;
     }
     // acc[k] += sum_t w[k][t] * V[t], four rows at a time
-    for (int k0 = 0; k0 < ROWS; k0 += 4) {
+#ifdef LADE_BF16_DOT
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      uint16_t* wb = wbuf.data();   // the weights in bf16, zero past cnt
+      const int64_t ws = bs + 2;
+      for (int k = 0; k < NR; ++k) {
+        for (int64_t c = 0; c < nchunks; ++c)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + k * ws + c * W),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + k * bs + c * W)));
+        wb[k * ws + cnt] = 0;
+      }
+      const uint16_t* vb = reinterpret_cast<const uint16_t*>(base + a.v_off);
+      // tiles of TR rows x JC chunks of 16 dims: 16 accumulators, each V pair feeds TR rows
+      constexpr int TR = NR < 8 ? NR : 8, JC = 16 / TR;
+      for (int k0 = 0; k0 < NR; k0 += TR) {
+        for (int j = 0; j < nv; j += JC) {
+          const int nj = std::min(JC, nv - j);
+          __m512 ac[TR][JC];
+          for (int k = 0; k < TR; ++k)
+            for (int jj = 0; jj < JC; ++jj) ac[k][jj] = _mm512_setzero_ps();
+          for (int64_t t = 0; t < cnt; t += 2) {
+            const uint16_t* v0 = vb + t * a.v_so + j * W;
+            const uint16_t* v1 = t + 1 < cnt ? v0 + a.v_so : nullptr;
+            __m512i z[JC];
+            for (int jj = 0; jj < nj; ++jj) z[jj] = pairs(v0 + jj * W, v1 ? v1 + jj * W : nullptr);
+            for (int k = 0; k < TR; ++k) {
+              uint32_t both;
+              std::memcpy(&both, wb + (k0 + k) * ws + t, sizeof(both));
+              for (int jj = 0; jj < nj; ++jj) ac[k][jj] = dot2(ac[k][jj], z[jj], both);
+            }
+          }
+          for (int k = 0; k < TR; ++k)
+            for (int jj = 0; jj < nj; ++jj) {
+              float* dst = &acc[k0 + k][(j + jj) * W];
+              _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), unperm(ac[k][jj])));
+            }
+        }
+      }
+      continue;
+    }
+#endif
+    for (int k0 = 0; k0 < NR; k0 += 4) {
       for (int j = 0; j < nv; j += 4) {
         const int nj = std::min(4, nv - j);
         v16 ac[4][4];
@@ -264,25 +358,32 @@ void tree_attention(const torch::Tensor& query, torch::Tensor& output,
   a.anc = anc.data_ptr<uint8_t>();
   a.scale = static_cast<float>(scale);
   const int64_t R = sizes.size(0), G = heads / a.kvh;
+  const bool bf16 = kv_cache.scalar_type() == torch::kBFloat16;
+  const int64_t rows_per_item = bf16 ? ROWS_BF16 : ROWS_F32;
   std::vector<int64_t> items;   // (r, h, row0) triples
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK((a.prefixes[r] + a.sizes[r] + a.bs - 1) / a.bs <= a.nblk, "block table short");
     for (int64_t h = 0; h < a.kvh; ++h)
-      for (int64_t row0 = 0; row0 < a.sizes[r] * G; row0 += ROWS) {
+      for (int64_t row0 = 0; row0 < a.sizes[r] * G; row0 += rows_per_item) {
         items.push_back(r);
         items.push_back(h);
         items.push_back(row0);
       }
   }
   const int64_t n = static_cast<int64_t>(items.size() / 3);
-  const bool bf16 = kv_cache.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || kv_cache.scalar_type() == torch::kFloat32, "dtype: float32 or bfloat16");
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      if (bf16)
-        run_item<c10::BFloat16>(a, items[3 * i], items[3 * i + 1], items[3 * i + 2]);
-      else
-        run_item<float>(a, items[3 * i], items[3 * i + 1], items[3 * i + 2]);
+      const int64_t r = items[3 * i], h = items[3 * i + 1], row0 = items[3 * i + 2];
+      const int64_t left = a.sizes[r] * G - row0;   // rows from row0 to the head's last
+      if (bf16) {
+        if (left > 8) run_item<c10::BFloat16, 16>(a, r, h, row0);
+        else if (left > 4) run_item<c10::BFloat16, 8>(a, r, h, row0);
+        else run_item<c10::BFloat16, 4>(a, r, h, row0);
+      } else {
+        if (left > 4) run_item<float, 8>(a, r, h, row0);
+        else run_item<float, 4>(a, r, h, row0);
+      }
     }
   });
 }
