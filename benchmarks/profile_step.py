@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)  # tools/: the repository's dev tooling (not installed)
 
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
+ACTIVE: dict[str, bool] = defaultdict(bool)
 PROFILER = None   # cProfile.Profile over lade's hooks only (--cprofile)
 
 
@@ -50,6 +51,9 @@ def _timed(cls, attr: str, name: str) -> None:
     profiled = name.startswith("lade_")
 
     def wrapper(*args, **kwargs):
+        if ACTIVE[name]:   # nested (lade's attention forward calls vLLM's): timed once, outside
+            return original(*args, **kwargs)
+        ACTIVE[name] = True
         t = time.perf_counter()
         if profiled and PROFILER is not None:
             PROFILER.enable()
@@ -60,6 +64,7 @@ def _timed(cls, attr: str, name: str) -> None:
                 PROFILER.disable()
             TIMES[name] += time.perf_counter() - t
             CALLS[name] += 1
+            ACTIVE[name] = False
 
     setattr(cls, attr, wrapper)
 
@@ -118,6 +123,10 @@ def main(argv=None) -> None:
     ap.add_argument("--cprofile", metavar="PREFIX",
                     help="write a cProfile of lade's hooks (propose, before_forward, verify) per "
                          "method to PREFIX-<method>.pstats and print its top functions")
+    ap.add_argument("--causal-trees", action="store_true",
+                    help="timing only, outputs wrong: tree steps run vLLM's causal kernel (no tree "
+                         "layout), i.e. a chain step of the same tokens; compare with a run "
+                         "without it for a tree step's cost over an equal-token chain step")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -168,6 +177,10 @@ def _profile_one(args) -> dict:
         spec = json.loads(args.spec)
     if args.level:
         os.environ["LADE_FORCE_LEVEL"] = args.level   # read when lade_vllm.engine builds its policy
+    if args.causal_trees:   # the adapter publishes no tree layout: every row causal
+        from lade_vllm.adapter import runner as lade_runner
+        publish = lade_runner.set_step_layout
+        lade_runner.set_step_layout = lambda layout: publish(None)
     if args.full and spec is not None and "lade" in str(spec):
         spec = {**({"method": "lade"} if spec == "lade" else spec), "adaptive": False}
     llm = LLM(model=model_path(), dtype=args.dtype, max_num_seqs=args.batch,

@@ -465,3 +465,26 @@ def test_compiled_kernel_on_random_batches(dtype, bs, seed, monkeypatch):
         exp = _naive_attention(b.query[rows].float(), b.k[r].float(), b.v[r].float(), allowed,
                                hd**-0.5)
         torch.testing.assert_close(out[rows].double(), exp, **tol)
+
+
+def test_tree_kernel_loading_rules(monkeypatch, tmp_path, caplog):
+    """The kernel is off with LADE_TREE_KERNEL=0, missing (with a warning naming how to build it)
+    where its build directory has no build for this source, CPU and torch, and only claims
+    layouts it reads: K tokens contiguous, V dims contiguous, float32/bfloat16, sizes of 16."""
+    from lade_vllm.attention import tree_kernel
+
+    kernel = tree_kernel.kernel.__wrapped__
+    monkeypatch.setenv("LADE_TREE_KERNEL", "0")
+    assert kernel() is None
+    monkeypatch.delenv("LADE_TREE_KERNEL")
+    monkeypatch.setenv("LADE_KERNEL_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger="vllm.lade_vllm"):
+        assert kernel() is None
+    assert "make setup" in caplog.text and str(tmp_path) in caplog.text
+    vec = ((0, 1, 128), (8192, 64, 1))
+    assert tree_kernel.supports(vec, torch.bfloat16, 128, 64)
+    assert tree_kernel.supports(vec, torch.float32, 32, 128)
+    assert not tree_kernel.supports(vec, torch.float16, 128, 64)
+    assert not tree_kernel.supports(vec, torch.bfloat16, 128, 72)
+    assert not tree_kernel.supports(((0, 64, 1), (8192, 64, 1)), torch.bfloat16, 128, 64)
+    assert not tree_kernel.supports(None, torch.bfloat16, 128, 64)
