@@ -29,7 +29,10 @@ import torch
 logger = logging.getLogger("vllm.lade_vllm")
 
 SOURCE = Path(__file__).parent / "csrc" / "tree_attention.cpp"
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+# -fopenmp: ATen's parallel_for runs on torch's OpenMP threads (without it, on one thread); the
+# libgomp torch loads serves the kernel too (same soname)
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
@@ -73,7 +76,7 @@ def build(verbose: bool = False):
             shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return load(name=name, sources=[str(SOURCE)], build_directory=str(out),
-                extra_cflags=CFLAGS, verbose=verbose)
+                extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=verbose)
 
 
 @functools.lru_cache(maxsize=1)

@@ -363,8 +363,10 @@ void tree_attention(const torch::Tensor& query, torch::Tensor& output,
   std::vector<int64_t> items;   // (r, h, row0) triples
   for (int64_t r = 0; r < R; ++r) {
     TORCH_CHECK((a.prefixes[r] + a.sizes[r] + a.bs - 1) / a.bs <= a.nblk, "block table short");
+    // 16-row items where a head has rows enough to keep the threads busy, else 8-row ones
+    const int64_t step = a.sizes[r] * G >= 32 ? rows_per_item : ROWS_F32;
     for (int64_t h = 0; h < a.kvh; ++h)
-      for (int64_t row0 = 0; row0 < a.sizes[r] * G; row0 += rows_per_item) {
+      for (int64_t row0 = 0; row0 < a.sizes[r] * G; row0 += step) {
         items.push_back(r);
         items.push_back(h);
         items.push_back(row0);
@@ -375,9 +377,9 @@ void tree_attention(const torch::Tensor& query, torch::Tensor& output,
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t r = items[3 * i], h = items[3 * i + 1], row0 = items[3 * i + 2];
-      const int64_t left = a.sizes[r] * G - row0;   // rows from row0 to the head's last
+      const int64_t rows = a.sizes[r] * G, left = rows - row0;   // rows from row0 to the last
       if (bf16) {
-        if (left > 8) run_item<c10::BFloat16, 16>(a, r, h, row0);
+        if (left > 8 && rows >= 32) run_item<c10::BFloat16, 16>(a, r, h, row0);
         else if (left > 4) run_item<c10::BFloat16, 8>(a, r, h, row0);
         else run_item<c10::BFloat16, 4>(a, r, h, row0);
       } else {
