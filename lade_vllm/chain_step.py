@@ -74,7 +74,8 @@ def observe_chains(policy, plan: StepPlan, prop: Proposal, emitted: dict[int, li
     ks = [plan.prop_idx[j] for j in full]
     drafted = [plan.num_nodes[j] - 1 for j in full]
     accepted = [len(emitted[j]) - 1 for j in full]
-    policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full), sum(drafted) / len(full))
+    policy.observe_level(CHAIN, 1.0 + sum(accepted) / len(full), sum(drafted) / len(full),
+                         len(full))
     policy.observe_chain(drafted, accepted, [int(prop.tree_args["cand_len"][k]) for k in ks],
                          [prop.tree_args["classes"][k] for k in ks])
 

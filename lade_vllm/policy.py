@@ -82,7 +82,11 @@ most ``EXPLORE_COST`` x the exploited level's, and whose expected loss, step cos
 exploited score), the budget can pay. The budget earns ``EXPLORE_BUDGET`` of each observed step's
 typical time (its bucket's estimate: a spike earns nothing extra) and holds at most
 ``BUDGET_STEPS`` exploited steps' worth, so exploration loses at most that fraction of the time
-in expectation; a level predicted better costs nothing. The candidate explored is the one with
+in expectation; a level predicted better costs nothing. An exploration step is charged its
+predicted loss when chosen and settled once timed: the budget then pays what it actually lost
+(the step's typical time less the time the exploited level would have needed for the tokens it
+delivered), so a level whose cost curve is optimistic (few steps of it timed, as chains at batch
+32 on a CPU) is explored less, not more. The candidate explored is the one with
 the highest optimistic score while that beats the exploited score, and every fourth time the
 least recently used one, so no level's estimate is forgotten (CHAIN excepted with shadow chains:
 its acceptance is measured on every step anyway); with no such candidate the step exploits. ``explore_margin`` 0 lifts the margin, the cost cap and the budget: every
@@ -173,6 +177,11 @@ class AdaptivePolicy(ChainLengths):
         self.last_used = [0] * len(LEVELS)
         self.steps = 0
         self.history = [0] * len(LEVELS)  # steps per level (for reports and tests)
+        # the exploration step in flight: (step, level, seconds charged, exploited score,
+        # requests), settled against its measured time by observe_step; what the last drafted
+        # step delivered: (step, level, tokens beyond one per request)
+        self.explored: tuple | None = None
+        self.delivered: tuple = (0, OFF, 0.0)
         # per match class (lade_vllm.chains): the record, the length CHAIN is scored at, and
         # the length this step's chains are cut to
         self.chains = [ChainDepths(int(chain)) for _ in range(CHAIN_CLASSES)]
@@ -268,7 +277,7 @@ class AdaptivePolicy(ChainLengths):
             self.exploit = self._exploit(est)
             level = self.exploit
             if self.steps % self.explore_every == 0:
-                level = self._explore(est)
+                level = self._explore(est, num_reqs)
         if self.forced is not None:
             level = self.forced
         if level == CHAIN and not any(self.matched):
@@ -317,7 +326,7 @@ class AdaptivePolicy(ChainLengths):
                   if lv != cur and est[lv].score > est[cur].score * (1.0 + margin(lv))]
         return max(better, key=lambda lv: est[lv].score) if better else cur
 
-    def _explore(self, est: list[_Estimate]) -> int:
+    def _explore(self, est: list[_Estimate], num_reqs: int = 1) -> int:
         """The level to run on an exploration step (the exploited one when none qualifies)."""
         cur = self.exploit
         others = [lv for lv in LEVELS if lv != cur]
@@ -351,7 +360,24 @@ class AdaptivePolicy(ChainLengths):
         else:
             return cur
         self.budget -= loss(level)
+        self.explored = (self.steps, level, loss(level), est[cur].score, num_reqs)
         return level
+
+    def _settle(self, typical: float) -> None:
+        """An exploration step was timed (its bucket's robust mean ``typical``): the budget
+        pays what it actually lost against the exploited level (its time less the time the
+        exploited level would have taken for the tokens it delivered) instead of the loss
+        predicted when it was chosen, so an exploration that loses more than predicted (an
+        optimistic cost curve) buys fewer later ones."""
+        step, level, charged, cur_score, num_reqs = self.explored
+        self.explored = None
+        if step != self.steps or cur_score <= 0:
+            return
+        seen, lv, extra = self.delivered
+        if level != OFF and (seen, lv) != (step, level):
+            return   # what the step delivered was not reported: the predicted charge stands
+        tokens = num_reqs + (extra if level != OFF else 0.0)
+        self.budget += charged - max(0.0, typical - tokens / cur_score)
 
     def _margin(self, level: int) -> float:
         age = self.steps - self.last_used[level]
@@ -373,9 +399,16 @@ class AdaptivePolicy(ChainLengths):
         # the budget earns a share of the step's typical time (its bucket's robust mean, the
         # scale losses are predicted in: a spike earns no extra exploration)
         self.budget += EXPLORE_BUDGET * typical
+        if self.explored is not None:
+            self._settle(typical)
 
-    def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float) -> None:
-        """What ``level`` delivered this step: mean emitted tokens and tree nodes per request."""
+    def observe_level(self, level: int, tokens_per_req: float, nodes_per_req: float,
+                      requests: int | None = None) -> None:
+        """What ``level`` delivered this step: mean emitted tokens and tree nodes per request,
+        over ``requests`` requests (the step's drafting ones; None: not a drafted step, e.g.
+        shadow chains)."""
+        if requests is not None:   # tokens beyond one per request, for settling an exploration
+            self.delivered = (self.steps, level, (float(tokens_per_req) - 1.0) * requests)
         if level == OFF:
             return
         self.tokens[level].add(tokens_per_req, self.steps)

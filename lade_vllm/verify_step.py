@@ -127,7 +127,7 @@ class StepVerifier:
         acc = res.accepted_nodes.tolist()
         np.add.at(self.synced, slots.numpy(), res.num_emitted.numpy())
         self.policy.observe_level(prop.level, sum(num_em) / len(num_em),
-                                  float(tree.num_nodes.sum()) / len(num_em) - 1.0)
+                                  float(tree.num_nodes.sum()) / len(num_em) - 1.0, len(num_em))
         if prop.level == CHAIN:
             self.policy.observe_chain((tree.num_nodes - 1).tolist(), [n - 1 for n in num_em],
                                       int(prop.tree_args["cand_len"].max()))

@@ -295,3 +295,28 @@ def test_the_decision_log_has_a_line_per_decision_and_per_timed_step(tmp_path):
     assert all(len(d["est"]) == 4 and d["reqs"] == 4 for d in decisions)
     assert [t["tokens"] for t in timed] == [4 if lv == OFF else 16 for lv in levels]
     assert all(t["ms"] == 10.0 for t in timed)
+
+
+def test_an_exploration_step_is_settled_at_its_measured_loss():
+    """An exploration is charged its predicted loss when chosen; once its step is timed the
+    budget pays what it lost against the exploited level instead (its time less the time the
+    exploited level needs for the tokens it delivered), and nothing else when no one reported
+    what it delivered."""
+    from lade_vllm.policy import CHAIN, EXPLORE_BUDGET
+
+    pol = AdaptivePolicy(55, 12, 8)
+    pol.steps = 40
+    # CHAIN explored at step 40 for 10 requests, charged 10 ms; the exploited level: 100 tok/s
+    pol.explored = (40, CHAIN, 0.010, 100.0, 10)
+    pol.observe_level(CHAIN, 1.5, 2.0, requests=4)   # 4 chains, 2 tokens beyond one each
+    budget = pol.budget
+    pol.observe_step(30, 0.250, drafts=True)         # the step took 250 ms
+    lost = 0.250 - (10 + 2) / 100.0                  # 130 ms, not the 10 predicted
+    assert pol.budget == pytest.approx(budget + EXPLORE_BUDGET * 0.250 + 0.010 - lost)
+    assert pol.explored is None
+
+    pol.steps = 41
+    pol.explored = (41, CHAIN, 0.010, 100.0, 10)     # its delivery never reported
+    budget = pol.budget
+    pol.observe_step(30, 0.250, drafts=True)
+    assert pol.budget == pytest.approx(budget + EXPLORE_BUDGET * pol.cost_chain(30))
