@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-TREE_FACTOR = 1.8     # a tree step's cost over a plain step of as many tokens (this CPU, measured)
+TREE_FACTOR = float(os.environ.get("REPLAY_TREE_FACTOR", "1.8"))  # tree step cost / plain step
 UNIT = 0.06           # seconds per time unit handed to the policy (a batch-1 step on this CPU)
 
 

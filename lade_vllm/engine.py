@@ -33,6 +33,7 @@ from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, decision_log, forced_level
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
 from lade_vllm.proposer import LookaheadState
+from lade_vllm.proposer.state import TREE_MIN_MATCH
 from lade_vllm.proposer.recycle import Recycler
 from lade_vllm.step_cost import StepPeriod
 from lade_vllm.step_records import ProposeBatch, RequestInfo, ScheduledBatch, StepContext
@@ -42,6 +43,16 @@ from lade_vllm.verify_step import StepVerifier
 #: between steps (lade_vllm.attention.dense_kv). Off by default: with it the soak test's memory
 #: grew 92 MiB from round 5 to 10 (bound 64) in one of three CI runs.
 DENSE_KV = os.environ.get("LADE_DENSE_KV", "0") == "1"
+
+
+def tree_suffix(suffix, cands: np.ndarray, classes: list) -> tuple:
+    """The suffix-match candidates a tree merges (``suffix``: candidates, match lengths): each
+    request's chain candidate (``cands`` / ``classes``, lade_vllm.chain_step.chain_candidates:
+    the context match, else the recycled successors), as long a match as a tree takes, so a tree
+    holds every chain CHAIN would draft."""
+    has = torch.tensor([c is not None for c in classes])
+    lengths = torch.where(has, suffix[1].clamp(min=TREE_MIN_MATCH), suffix[1])
+    return torch.from_numpy(np.ascontiguousarray(cands[:, :suffix[0].shape[1]])), lengths
 
 
 class LadeEngine(StepVerifier):
@@ -185,7 +196,9 @@ class LadeEngine(StepVerifier):
             self.pending = prop = propose_chains(req_ids, slots_t, torch.from_numpy(lasts), *chains,
                                                  self.policy.cut, self.slot_cand_len[slots_t])
         else:
-            self.pending = prop = self._build(rows, level, contexts, suffix)
+            self.pending = prop = self._build(rows, level, contexts,
+                                              suffix if chains is None else
+                                              tree_suffix(suffix, chains[0], chains[1]))
         for (row, *_), drafts in zip(rows, prop.drafts):
             out[row] = drafts
         return out

@@ -274,7 +274,10 @@ class AdaptivePolicy(ChainLengths):
         else:
             self._pick_chain(num_reqs, base_tokens)
             est = [self.estimate(lv, num_reqs, base_tokens) for lv in LEVELS]
-            self.exploit = self._exploit(est)
+            if any(self.matched) or self.exploit is None or not self.shadow:
+                # a step without chain candidates prices CHAIN as plain decoding, not at its
+                # long-run value: the exploited level is not judged on it
+                self.exploit = self._exploit(est)
             level = self.exploit
             if self.steps % self.explore_every == 0:
                 level = self._explore(est, num_reqs)

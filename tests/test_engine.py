@@ -307,3 +307,20 @@ def test_plain_steps_teach_the_chain_record_through_shadow_chains():
     for i, (r, p) in enumerate(PROMPTS.items()):
         n = int(run.num[i])
         assert run.tokens[i, len(p):n].tolist() == continuation(p[-1], n - len(p)), r
+
+
+def test_a_tree_merges_every_chain_candidate():
+    """A tree's suffix-match candidates are each request's chain candidate: its context match
+    (a one-token match raised to the length a tree takes), else its recycled successors' chain;
+    requests with neither keep none."""
+    from lade_vllm.chain_step import chain_candidates
+    from lade_vllm.engine import tree_suffix
+    from lade_vllm.proposer.state import TREE_MIN_MATCH
+
+    suffix = (torch.tensor([[5, 6, -1], [-1, -1, -1], [7, -1, -1], [-1, -1, -1]]),
+              torch.tensor([3, 0, 1, 0]))
+    recycled = np.array([[1, 1, 1], [9, 10, 11], [2, 2, 2], [-1, -1, -1]])
+    cands, classes = chain_candidates(suffix, recycled)
+    got, lengths = tree_suffix(suffix, cands, classes)
+    assert got.tolist() == [[5, 6, -1], [9, 10, 11], [7, -1, -1], [-1, -1, -1]]
+    assert lengths.tolist() == [3, TREE_MIN_MATCH, TREE_MIN_MATCH, 0]

@@ -320,3 +320,17 @@ def test_an_exploration_step_is_settled_at_its_measured_loss():
     budget = pol.budget
     pol.observe_step(30, 0.250, drafts=True)
     assert pol.budget == pytest.approx(budget + EXPLORE_BUDGET * pol.cost_chain(30))
+
+
+def test_a_step_without_chain_candidates_leaves_the_exploited_level():
+    """With shadow chains, a step where no request has a chain candidate prices CHAIN as plain
+    decoding; the exploited level is not re-judged on it (a tree level would take over on such
+    steps and keep the matched steps after them)."""
+    pol = AdaptivePolicy(55, 12, 8, shadow=True)
+    judged = []
+    real = pol._exploit
+    pol._exploit = lambda est: judged.append(pol.steps) or real(est)
+    for step in range(1, 40):
+        pol.choose(1, 0, matched=[0, 0, 0, 1 if step % 2 else 0])
+    # the first step after the warm-up sets it, whatever the step; then only matched steps
+    assert len(judged) > 10 and all(s % 2 for s in judged[1:])
