@@ -21,6 +21,7 @@ class _LevelMean:
         self.fixed = fixed       # OFF: exactly known, never observed
         self.samples = _Samples(LEVEL_WINDOW)
         self.value = prior
+        self.top = prior         # the largest recent observation (the prior until measured)
         self.se = 0.0 if fixed else 0.2
 
     @property
@@ -40,6 +41,7 @@ class _LevelMean:
         data = self.samples.values()
         n = len(data)
         self.value = m = sum(data) / n
+        self.top = max(data)
         if n >= 2:
             var = sum((v - m) ** 2 for v in data) / (n - 1)
             self.se = math.sqrt(var / n) / max(m, 1e-9)

@@ -78,7 +78,8 @@ Exploring. Every ``explore_every`` steps the policy may run another level instea
 estimates current. Candidates are levels whose optimistic score, score * (1 + ``SWITCH_K`` *
 error), is at least ``explore_margin`` of the exploited level's score (a margin relaxed down to a
 third for a level unused for more than 4 * explore_every steps), whose optimistic step cost is at
-most ``EXPLORE_COST`` x the exploited level's, and whose expected loss, step cost * (1 - score /
+most ``EXPLORE_COST`` x the exploited level's (a tree level's at its largest recent trees, its full
+tree until ``TREE_BOUND_AFTER`` steps were observed; the warm-up's LOOKUP check alike), and whose expected loss, step cost * (1 - score /
 exploited score), the budget can pay. The budget earns ``EXPLORE_BUDGET`` of each observed step's
 typical time (its bucket's estimate: a spike earns nothing extra) and holds at most
 ``BUDGET_STEPS`` exploited steps' worth, so exploration loses at most that fraction of the time
@@ -130,6 +131,7 @@ WARMUP_SHADOW_COST = 1.25  # with shadow chains the warm-up's chains cost at mos
 FLOOR_K = 0.5         # a step with drafts costs at least a plain one of as many tokens, less
                       # this many standard errors of the plain estimate
 CHAIN_PROBE_EVERY = 16  # every this many chain steps the chains run one draft longer or shorter
+TREE_BOUND_AFTER = 4  # a tree level's cost bound uses its observed trees after this many steps
 
 
 def forced_level(environ=None) -> int | None:
@@ -171,6 +173,7 @@ class AdaptivePolicy(ChainLengths):
         chain = lookup_nodes if chain_nodes is None else chain_nodes
         self.nodes = [_LevelMean(0.0, fixed=True), _LevelMean(float(chain)),
                       _LevelMean(float(lookup_nodes)), _LevelMean(float(full_nodes))]
+        self.node_cap = [0.0, float(chain), float(lookup_nodes), float(full_nodes)]
         self.exploit: int | None = None     # the level run when not exploring
         self.budget = 0.0                   # seconds exploration may still lose
         self.explorations = 0               # exploration steps due so far
@@ -267,9 +270,8 @@ class AdaptivePolicy(ChainLengths):
             # measure the cheap levels first, a few times each: a step whose token count is new
             # to the engine can be slow once (kernel set-up), which the robust mean drops
             level = (OFF, CHAIN, LOOKUP)[(self.steps - 1) % 3]
-            if level == LOOKUP and self.cost(LOOKUP, base_tokens + num_reqs * (
-                    1.0 + self.nodes[LOOKUP].value)) > EXPLORE_COST * self.cost(
-                    OFF, base_tokens + num_reqs):
+            if level == LOOKUP and self._tree_cost_bound(LOOKUP, num_reqs, base_tokens) \
+                    > EXPLORE_COST * self.cost(OFF, base_tokens + num_reqs):
                 level = OFF   # a tree step this dear (a loaded CPU) is left to exploration
         else:
             self._pick_chain(num_reqs, base_tokens)
@@ -280,7 +282,7 @@ class AdaptivePolicy(ChainLengths):
                 self.exploit = self._exploit(est)
             level = self.exploit
             if self.steps % self.explore_every == 0:
-                level = self._explore(est, num_reqs)
+                level = self._explore(est, num_reqs, base_tokens)
         if self.forced is not None:
             level = self.forced
         if level == CHAIN and not any(self.matched):
@@ -329,7 +331,16 @@ class AdaptivePolicy(ChainLengths):
                   if lv != cur and est[lv].score > est[cur].score * (1.0 + margin(lv))]
         return max(better, key=lambda lv: est[lv].score) if better else cur
 
-    def _explore(self, est: list[_Estimate], num_reqs: int = 1) -> int:
+    def _tree_cost_bound(self, level: int, num_reqs: int, base_tokens: int) -> float:
+        """A tree level's step cost at its largest trees: the biggest nodes per request among
+        its recent steps once ``TREE_BOUND_AFTER`` were observed, its full tree before (a
+        tree's size grows as the pools fill; one small early tree must not make the next look
+        cheap: at batch 32 a LOOKUP step priced at 145 ms from one 1-request tree took 379)."""
+        nodes = self.nodes[level]
+        top = nodes.top if len(nodes.samples) >= TREE_BOUND_AFTER else self.node_cap[level]
+        return self.cost(level, base_tokens + num_reqs * (1.0 + max(top, nodes.value)))
+
+    def _explore(self, est: list[_Estimate], num_reqs: int = 1, base_tokens: int = 0) -> int:
         """The level to run on an exploration step (the exploited one when none qualifies)."""
         cur = self.exploit
         others = [lv for lv in LEVELS if lv != cur]
@@ -345,9 +356,13 @@ class AdaptivePolicy(ChainLengths):
         def hi(lv: int) -> float:  # optimistic score
             return est[lv].score * (1.0 + SWITCH_K * est[lv].se)
 
+        def dear(lv: int) -> float:   # its step cost, optimistic; tree levels at their largest
+            cost = self._tree_cost_bound(lv, num_reqs, base_tokens) if lv in TREE_LEVELS \
+                else est[lv].cost
+            return cost * (1.0 - min(0.5, SWITCH_K * est[lv].se))
+
         ok = [lv for lv in others if hi(lv) >= self._margin(lv) * est[cur].score
-              and est[lv].cost * (1.0 - min(0.5, SWITCH_K * est[lv].se))
-              <= EXPLORE_COST * est[cur].cost and loss(lv) <= self.budget]
+              and dear(lv) <= EXPLORE_COST * est[cur].cost and loss(lv) <= self.budget]
         self.explorations += 1
         # the candidate most likely to beat the exploited level, while one might (optimistic
         # score above the exploited score); every fourth time the stalest, so none is forgotten

@@ -334,3 +334,19 @@ def test_a_step_without_chain_candidates_leaves_the_exploited_level():
         pol.choose(1, 0, matched=[0, 0, 0, 1 if step % 2 else 0])
     # the first step after the warm-up sets it, whatever the step; then only matched steps
     assert len(judged) > 10 and all(s % 2 for s in judged[1:])
+
+
+def test_a_tree_level_is_priced_at_its_largest_trees_for_exploring():
+    """Exploring and the warm-up price a tree level at its full tree until it has been observed
+    a few times, then at its largest recent tree, not at the mean of one small early tree."""
+    from lade_vllm.policy import LOOKUP, TREE_BOUND_AFTER
+
+    pol = AdaptivePolicy(55, 12, 8)
+    for t in (1, 30, 300, 3000):
+        pol.observe_step(t, 0.05 + 0.001 * t)
+    pol.observe_level(LOOKUP, 1.2, 1.0)   # one 1-node tree
+    full = pol.cost(LOOKUP, 32 * 13)
+    assert pol._tree_cost_bound(LOOKUP, 32, 0) == pytest.approx(full)
+    for nodes in [2.0, 9.0, 3.0][:TREE_BOUND_AFTER - 1]:
+        pol.observe_level(LOOKUP, 1.2, nodes)
+    assert pol._tree_cost_bound(LOOKUP, 32, 0) == pytest.approx(pol.cost(LOOKUP, 32 * 10))
