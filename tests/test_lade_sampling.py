@@ -186,9 +186,10 @@ def test_sampled_logprobs_equal_vanilla_scoring(lade_llm, vanilla_llm, tokenizer
 
 # ---- stop conditions and lengths (greedy, exact) --------------------------------------------
 def _eos_prompt(tokenizer):
-    """A chat whose earlier answers the model copies, EOS included: the pool holds n-grams that
-    run through <|im_end|>, so EOS is accepted inside a multi-token run."""
-    q, a = "Say hello.", "Hello there, nice to meet you!"
+    """A chat whose earlier answers the model copies, EOS included: the pool and the context
+    match hold n-grams that run through <|im_end|> (the answer is shorter than a context-match
+    candidate), so EOS is accepted inside a multi-token run."""
+    q, a = "Say hello.", "Hello there!"
     return chat(tokenizer, q, a, q, a, q, a, q)
 
 
