@@ -7,15 +7,14 @@ HumanEval chains from the earliest occurrence are accepted further than from the
 2.02 vs 1.72 tokens/step at batch 1), and the match length says
 how far to trust it (the policy keeps chain statistics per match length). This is vLLM's prompt
 lookup (``ngram``) as one candidate source of the lookahead tree; its length ``k`` is independent
-of the n-gram size N. Compiled with numba (a vLLM dependency) on first use: importing numba when this
-module loads would put llvmlite in ``sys.modules`` before an in-process vLLM worker scans every
-module for Triton kernels to rebind (``vllm.triton_utils.dispatcher``), which llvmlite's wrappers
-break.
+of the n-gram size N. Compiled with numba on first use (lade_vllm.proposer.jit).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .jit import Kernel
 
 MIN_MATCH = 2       # suffix_candidates' default shortest match
 MAX_MATCH = 8
@@ -48,20 +47,8 @@ def _batch_of(match_one):
     return match_batch
 
 
-_compiled = None
-
-
-def _match_batch(*args) -> None:
-    """``_match_one`` over every context, numba-compiled on the first call when numba exists."""
-    global _compiled
-    if _compiled is None:
-        try:
-            from numba import njit
-        except ImportError:  # pragma: no cover - numba ships with vLLM
-            _compiled = _batch_of(_match_one)
-        else:
-            _compiled = njit(nogil=True)(_batch_of(njit(nogil=True)(_match_one)))
-    _compiled(*args)
+#: ``_match_one`` over every context (lade_vllm.proposer.jit)
+_match_batch = Kernel(lambda njit: njit(_batch_of(njit(_match_one))))
 
 
 def suffix_match(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
