@@ -45,8 +45,8 @@ def propose_chains(req_ids, slots: torch.Tensor, lasts: torch.Tensor, cands: np.
                    classes: list[int | None], cut: list[int], slot_cap: torch.Tensor) -> Proposal:
     """Per request its chain candidate (``cands`` [B, K], -1 padded; ``classes``: its chain
     class, None: no candidate) cut to ``cut[class]`` and to the request's own cap ``slot_cap``."""
-    cap = torch.minimum(slot_cap, torch.tensor([cut[c] if c is not None else 0 for c in classes]))
-    lengths = np.minimum((cands >= 0).sum(1), cap.numpy()).tolist()  # a -1 padded prefix
+    cap = [min(s, cut[c]) if c is not None else 0 for s, c in zip(slot_cap.tolist(), classes)]
+    lengths = list(map(min, (cands >= 0).sum(1).tolist(), cap))  # a -1 padded prefix
     drafts = [cands[b, :m].tolist() for b, m in enumerate(lengths)]
     steps = [np.arange(m + 1) for m in lengths]
     return Proposal(req_ids, slots, lasts, None, drafts, order=steps,

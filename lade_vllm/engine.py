@@ -71,6 +71,8 @@ class LadeEngine(StepVerifier):
         self.free_slots = list(range(max_seqs - 1, -1, -1))
         # committed tokens each slot's state has seen (catch-up after steps without a tree)
         self.synced = np.zeros(max_seqs, dtype=np.int64)
+        # slots whose lookahead state starts with their first tree -> their window width
+        self.unstarted: dict[int, int | None] = {}
         # per-request caps: candidates and their length
         self.slot_cands = torch.full((max_seqs,), cfg.guess_set_size, dtype=torch.long)
         self.cand_len = max(cfg.ngram_size - 1, cfg.suffix_tokens)   # longest candidate
@@ -112,6 +114,7 @@ class LadeEngine(StepVerifier):
                 self.shadow.drop(freed)
             self.free_slots.extend(freed)
             for slot in freed:
+                self.unstarted.pop(slot, None)
                 if slot in self.capped_slots:
                     self.capped_slots.discard(slot)
                     self.slot_cands[slot] = self.cfg.guess_set_size
@@ -136,11 +139,9 @@ class LadeEngine(StepVerifier):
                     self.slot_cands[slot] = info.guess_set_size
                 if info.ngram_size is not None:
                     self.slot_cand_len[slot] = info.ngram_size - 1
-            t0 = time.perf_counter()
-            self.state.start(slot, torch.from_numpy(tokens.astype(np.int64)), seed=self.cfg.seed,
-                             width=info.window_size)
-            self.start_seconds += time.perf_counter() - t0
-            self.synced[slot] = tokens.shape[0]
+            # the lookahead state (pool from the prompt, window) starts with the slot's first
+            # tree (``_build``): plain and chain steps never read it
+            self.unstarted[slot] = info.window_size
             if self.successors is not None:
                 self.successors.start(slot, tokens.shape[0])
         return slot
@@ -230,6 +231,7 @@ class LadeEngine(StepVerifier):
     def _build(self, rows: list[tuple], level: int, contexts: list[np.ndarray],
                suffix: tuple | None) -> Proposal:
         _, req_ids, slots, lasts, nums = (list(x) for x in zip(*rows))
+        self._start(slots, contexts)
         self._catch_up(slots, nums, contexts)
         slots_t, lasts_t = torch.tensor(slots), torch.tensor(lasts)
         tree_args = self._tree_args(slots_t, level)
@@ -238,6 +240,19 @@ class LadeEngine(StepVerifier):
         prop.level = level
         prop.tree_args = tree_args
         return prop
+
+    def _start(self, slots, contexts: list[np.ndarray]) -> None:
+        """Start the lookahead state of the slots building their first tree, from every token
+        committed so far (the pool gets the prompt's and the output's n-grams alike)."""
+        if not self.unstarted:
+            return
+        t0 = time.perf_counter()
+        for slot, context in zip(slots, contexts):
+            if slot in self.unstarted:
+                self.state.start(slot, torch.from_numpy(context.astype(np.int64)),
+                                 seed=self.cfg.seed, width=self.unstarted.pop(slot))
+                self.synced[slot] = context.shape[0]
+        self.start_seconds += time.perf_counter() - t0
 
     def _catch_up(self, slots, nums, contexts: list[np.ndarray]) -> None:
         """Slots whose last steps were decoded without a verified tree (policy OFF, a truncated

@@ -118,6 +118,9 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+_LOG_RATIO = math.log(1.25)
+
+
 class StepCostModel:
     """cost(T) in seconds from observed (tokens, seconds) pairs, bucketed on a geometric grid."""
 
@@ -128,13 +131,14 @@ class StepCostModel:
         self.buckets: dict[int, _CostBucket] = {}
         self.ticks = 0
         self._trimmed = 0        # tick of the last sweep dropping old samples
-        self._curve: tuple[list[float], list[float], list[_CostBucket]] | None = None
+        # (positions, monotone values, buckets, token counts at the positions), see ``curve``
+        self._curve: tuple[list[float], list[float], list[_CostBucket], list[float]] | None = None
 
     def _bucket(self, tokens: float) -> int:
         return int(round(self._x(tokens)))
 
     def _x(self, tokens: float) -> float:
-        return math.log(max(tokens, 1)) / math.log(self.RATIO)
+        return math.log(max(tokens, 1)) / _LOG_RATIO
 
     def observe(self, tokens: int, seconds: float, tick: int | None = None) -> float:
         """Adds a sample at time ``tick`` (default: count of samples); returns its bucket's
@@ -178,9 +182,9 @@ class StepCostModel:
                     v2, w2, c2 = blocks.pop()
                     v1, w1, c1 = blocks.pop()
                     blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-            self._curve = ([self.buckets[k].x for k in keys],
-                           [v for v, _, c in blocks for _ in range(int(c))],
-                           [self.buckets[k] for k in keys])
+            xs = [self.buckets[k].x for k in keys]
+            self._curve = (xs, [v for v, _, c in blocks for _ in range(int(c))],
+                           [self.buckets[k] for k in keys], [self.RATIO ** x for x in xs])
         return self._curve[:2]
 
     def _sorted(self) -> list[_CostBucket]:
@@ -190,11 +194,13 @@ class StepCostModel:
 
     def bottom(self) -> float:
         """Token count of the smallest measured bucket."""
-        return self.RATIO ** self.buckets[min(self.buckets)].x
+        self.curve()
+        return self._curve[3][0]
 
     def top(self) -> float:
         """Token count of the largest measured bucket."""
-        return self.RATIO ** self.buckets[max(self.buckets)].x
+        self.curve()
+        return self._curve[3][-1]
 
     def spans(self) -> bool:
         """Whether the measured buckets span SPAN x in tokens (enough to extrapolate a slope)."""
@@ -205,27 +211,28 @@ class StepCostModel:
         """Estimated seconds for a step of ``tokens`` tokens (monotone in tokens)."""
         if not self.buckets:
             return float(max(tokens, 1))
-        keys, vals = self.curve()
+        self.curve()
+        keys, vals, ordered, ts = self._curve
         x = self._x(tokens)
         if x <= keys[0]:
             return vals[0]
         if x >= keys[-1]:
             # linear in tokens from the largest bucket at most 1/SPAN of the last one to the last
             # (flat without such a bucket, so that a bigger tree gets measured, not assumed dear)
-            t1 = self.RATIO ** keys[-1]
-            j = bisect.bisect_right(keys, keys[-1] - math.log(self.SPAN) / math.log(self.RATIO))
+            t1 = ts[-1]
+            j = bisect.bisect_right(keys, keys[-1] - math.log(self.SPAN) / _LOG_RATIO)
             if j == 0:
                 return vals[-1]
-            t0 = self.RATIO ** keys[j - 1]
+            t0 = ts[j - 1]
             # the rise less one standard error of it: a rise within the noise extrapolates flat
             # rather than condemning a bigger tree from two noisy buckets
-            b0, b1 = self._sorted()[j - 1], self._sorted()[-1]
+            b0, b1 = ordered[j - 1], ordered[-1]
             rise = vals[-1] - vals[j - 1] - math.hypot(b0.se * vals[j - 1], b1.se * vals[-1])
             return vals[-1] + max(rise, 0.0) / (t1 - t0) * (max(tokens, 1) - t1)
         # between two buckets: linear in tokens (a step's cost is about affine in its tokens;
         # linear in the grid position would put T=2 halfway to T=4 from T=1 to T=16)
         i = bisect.bisect_right(keys, x)
-        t0, t1 = self.RATIO ** keys[i - 1], self.RATIO ** keys[i]
+        t0, t1 = ts[i - 1], ts[i]
         f = (max(tokens, 1) - t0) / max(t1 - t0, 1e-9)
         return vals[i - 1] + min(max(f, 0.0), 1.0) * (vals[i] - vals[i - 1])
 

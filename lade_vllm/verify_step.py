@@ -8,6 +8,8 @@ harvest the window, update the pool), truncated trees and chains are only walked
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -32,12 +34,12 @@ class StepVerifier:
         ctx.plan = None
         return verified
 
-    def acceptance_rows(self, ctx: StepContext) -> torch.Tensor:
+    def acceptance_rows(self, ctx: StepContext) -> torch.Tensor | None:
         """[M] bool over the concatenated rows of the plan's requests: the root and trie nodes,
-        the rows acceptance reads (window rows only feed the pool)."""
+        the rows acceptance reads (window rows only feed the pool); None: every row (chains)."""
         prop, plan = ctx.proposal, ctx.plan
         if prop.tree is None:        # chains: every node is a candidate's
-            return torch.ones(sum(plan.num_nodes), dtype=torch.bool)
+            return None
         rows = []
         for j, k in enumerate(plan.prop_idx):
             lo = int(prop.tree.seq_start[k])
@@ -76,14 +78,14 @@ class StepVerifier:
         Whole trees are committed to the lookahead state, truncated ones only walked; chains
         are walked and observed by the policy."""
         plan = ctx.plan
-        offsets = np.concatenate([[0], np.cumsum(plan.num_nodes)[:-1]]).astype(np.int64)
+        offsets = list(itertools.accumulate(plan.num_nodes[:-1], initial=0))
         if self.successors is not None:
             self._recycle(ctx, target, acceptable)
         emitted: dict[int, list[int]] = {}
         paths: dict[int, list[int]] = {}
         if ctx.proposal.tree is None:
             for j, (k, n) in enumerate(zip(plan.prop_idx, plan.num_nodes)):
-                o = int(offsets[j])
+                o = offsets[j]
                 emitted[j], paths[j] = walk_chain(ctx.proposal.drafts[k][:n - 1],
                                                   target[o:o + n].tolist())
             observe_chains(self.policy, plan, ctx.proposal, emitted)
@@ -105,6 +107,9 @@ class StepVerifier:
         prop, plan = ctx.proposal, ctx.plan
         tokens = np.array([t for k, n in zip(plan.prop_idx, plan.num_nodes)
                            for t in [int(prop.last_tokens[k])] + prop.drafts[k][:n - 1]])
+        if acceptable is None:
+            self.successors.verified(tokens, target.numpy())
+            return
         ok = acceptable.numpy()
         self.successors.verified(tokens[ok], target.numpy()[ok])
 

@@ -115,6 +115,10 @@ def test_row_argmax_is_argmax_with_ties_and_nan():
     x[4, -1] = float("inf")
     x[5] = float("-inf")
     x[6] = torch.randint(0, 3, (4099,), generator=gen).float()   # many ties
+    x[7] = 0
+    x[7, :3] = -0.0                       # -0 equals +0: the first index wins
+    x[8, 30] = -float("nan")              # a NaN with the sign bit set is the maximum too
+    x[9] = -x[9].abs() - 1                # every value negative
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         y = x.to(dtype)
         assert torch.equal(row_argmax(y), y.argmax(dim=-1)), dtype

@@ -192,8 +192,8 @@ def test_root_rows_from_the_host_list():
 
     md = types.SimpleNamespace(num_draft_tokens=[3, 0, 2, 0, 1])  # vLLM's own example
     cu = np.cumsum(np.array([3, 0, 2, 0, 1]) + 1)                 # cu_num_sampled_tokens
-    assert root_rows(md).tolist() == (cu - (np.array([3, 0, 2, 0, 1]) + 1)).tolist()
-    assert root_rows(md).tolist() == [0, 4, 5, 8, 9]
+    assert root_rows(md) == (cu - (np.array([3, 0, 2, 0, 1]) + 1)).tolist()
+    assert root_rows(md) == [0, 4, 5, 8, 9]
 
 
 def test_mask_bias_follows_the_mask_device():

@@ -42,6 +42,7 @@ recomputes those entries from the right rows, with the same ``compute_logprobs``
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Collection
 
@@ -56,13 +57,13 @@ ARGMAX_ROWS = 8   # rows cast to float32 at a time for row_argmax (a small buffe
 _ARGMAX_BUF: dict[int, torch.Tensor] = {}   # row width -> [ARGMAX_ROWS, width] float32
 
 
-def root_rows(metadata) -> np.ndarray:
-    """[B] int64: each request's first logits row (its root) in a spec-decode step. vLLM 0.32's
+def root_rows(metadata) -> list[int]:
+    """[B]: each request's first logits row (its root) in a spec-decode step. vLLM 0.32's
     ``cu_num_sampled_tokens`` is the cumulative sum of ``num_draft_tokens + 1``
     (``GPUModelRunner._calc_spec_decode_metadata``); computed here from the host list, so no
     device-to-host copy of the tensor is needed."""
-    n = np.asarray(metadata.num_draft_tokens, dtype=np.int64) + 1
-    return np.cumsum(n) - n
+    drafts = metadata.num_draft_tokens
+    return list(itertools.accumulate((n + 1 for n in drafts[:-1]), initial=0)) if drafts else []
 
 
 @dataclass
@@ -147,6 +148,10 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
         return x.max(dim=-1).indices
     if x.dtype == torch.float32:
         return torch.from_numpy(x.numpy().argmax(axis=-1))
+    if x.dtype == torch.bfloat16 and x.is_contiguous():
+        out = _bf16_argmax(x)
+        if out is not None:
+            return out
     rows = x.shape[0]
     out = np.empty(rows, dtype=np.int64)
     buf = _ARGMAX_BUF.get(x.shape[1])
@@ -158,6 +163,25 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
         b.copy_(part)
         out[lo:lo + part.shape[0]] = b.numpy().argmax(axis=-1)
     return torch.from_numpy(out)
+
+
+_BF16_NEG_INF = -32641   # bfloat16 -inf (0xFF80) under _bf16_argmax's order-preserving map
+
+
+def _bf16_argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """Row argmax of a contiguous bfloat16 [M, V] through its bits: an int16 map that orders as
+    the values do (non-negative patterns as they are, negative ones with the magnitude bits
+    flipped, -0 and +0 equal), so numpy's int16 argmax gives the first maximum. None when a row
+    holds a NaN with the sign bit set (it would order below -inf; NaN counts as the maximum)."""
+    a = x.view(torch.int16).numpy()
+    if a.size == 0:
+        return None
+    neg = a >> 15                                    # -1 for negative patterns, else 0
+    k = a ^ (neg & 0x7FFF)
+    k -= neg                                         # -0 (0x8000 -> -1) up to 0, in step
+    if int(k.min()) < _BF16_NEG_INF:
+        return None
+    return torch.from_numpy(k.argmax(axis=-1))
 
 
 @dataclass
@@ -188,7 +212,9 @@ def node_targets(logits: torch.Tensor, reqs: list[RequestRows], sampling_metadat
         or sm.allowed_token_ids_mask is not None
     if sm.all_greedy and not rules and not keep_processed:
         # argmax straight on the model-dtype rows (the fp32 cast is exact and monotone)
-        argmax = torch.cat([row_argmax(logits[r.start:r.start + r.num]) for r in reqs]).cpu()
+        argmax = row_argmax(logits[reqs[0].start:reqs[0].start + reqs[0].num]) if len(reqs) == 1 \
+            else torch.cat([row_argmax(logits[r.start:r.start + r.num]) for r in reqs])
+        argmax = argmax.cpu()
         return NodeTargets(argmax, argmax, torch.zeros(argmax.shape[0], dtype=torch.bool), None)
     idx = torch.cat([torch.arange(r.start, r.start + r.num) for r in reqs]).to(logits.device)
     x = logits.index_select(0, idx).to(torch.float32)          # a copy: logits stay untouched
@@ -304,7 +330,7 @@ def sample_root_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata,
     dev = logits.device
     B = len(metadata.num_draft_tokens)
     S = metadata.max_spec_len + 1
-    roots = torch.from_numpy(root_rows(metadata)).to(dev)
+    roots = torch.tensor(root_rows(metadata), dtype=torch.long, device=dev)
     sm = sampling_metadata
     if sm.logprob_token_ids and sm.max_num_logprobs is not None:
         sm = replace(sm, logprob_token_ids=None)   # as vLLM's spec path: top-k logprobs only
