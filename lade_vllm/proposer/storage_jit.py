@@ -9,6 +9,8 @@ trie nodes. Numba is imported on the first call (lade_vllm.proposer.jit).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .jit import Kernel
@@ -71,3 +73,12 @@ def storage_arrays(tree):
     return _storage(tree.node_seq.numpy(), tree.is_trie.numpy(), tree.root_index.numpy(),
                     tree.parent.numpy(), tree.tokens.numpy(), tree.depth.numpy(),
                     tree.seq_start.numpy())
+
+
+def warm() -> float:
+    """Compile the kernel on a one-node tree (imports numba); returns the seconds it took."""
+    t0 = time.perf_counter()
+    one, zero = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    _storage(zero, np.zeros(1, dtype=np.bool_), zero, -one, one, zero,
+             np.array([0, 1], dtype=np.int64))
+    return time.perf_counter() - t0

@@ -48,3 +48,8 @@ def test_kernel_matches_torch_on_random_trees(monkeypatch, seed):
         # a selection of the trees, renumbered (as the engine's partial steps)
         sel = torch.nonzero(torch.rand(tree.num_seqs, generator=gen) < 0.5).view(-1)
         assert_same(*both_orders(monkeypatch, select_trees(tree, sel)))
+
+
+def test_warm_compiles_and_reports_seconds():
+    from lade_vllm.proposer import storage_jit
+    assert storage_jit.warm() >= 0.0
