@@ -3,6 +3,7 @@ the proposed trees in the order vLLM sees their nodes ([root | trie | window] pe
 plan of which of them were scheduled whole, and the subset of a batch's trees to commit."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from lade_vllm.policy import FULL
 from lade_vllm.proposer import StepTree
+from lade_vllm.proposer.storage_jit import storage_arrays
 
 
 @dataclass
@@ -62,7 +64,12 @@ def ancestor_mask(parent: np.ndarray) -> torch.Tensor:
 
 
 def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
-    """Reorder each request's nodes as [root | trie | window] (parents stay before children)."""
+    """Reorder each request's nodes as [root | trie | window] (parents stay before children).
+
+    On the CPU by a compiled kernel (lade_vllm.proposer.storage_jit; ``LADE_JIT=0``: torch ops),
+    with the same fields."""
+    if os.environ.get("LADE_JIT") != "0" and tree.tokens.is_cpu:
+        return _storage_order_kernel(req_ids, slots, lasts, tree)
     T = tree.total_nodes
     group = torch.where(tree.is_trie, 1, 2)
     group[tree.root_index] = 0
@@ -85,6 +92,22 @@ def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
         depths.append(depth_s[lo:hi])
         num_trie.append(int(is_trie_s[lo:hi].sum()))
     return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths, num_trie)
+
+
+def _storage_order_kernel(req_ids, slots, lasts, tree: StepTree) -> Proposal:
+    """``storage_order`` from ``storage_arrays``: per request, slices of its range."""
+    local, parent_s, tokens_s, depth_s, num_trie = storage_arrays(tree)
+    tokens = tokens_s.tolist()
+    start = tree.seq_start.tolist()
+    drafts, orders, parents, depths = [], [], [], []
+    for b in range(len(req_ids)):
+        lo, hi = start[b], start[b + 1]
+        drafts.append(tokens[lo + 1:hi])
+        orders.append(local[lo:hi])
+        parents.append(parent_s[lo:hi])
+        depths.append(depth_s[lo:hi])
+    return Proposal(req_ids, slots, lasts, tree, drafts, orders, parents, depths,
+                    num_trie.tolist()[:len(req_ids)])
 
 
 def select_trees(tree: StepTree, sel: torch.Tensor) -> StepTree:

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
+
+from .tree_jit import step_tree_fields
 
 @dataclass
 class StepTree:
@@ -265,6 +268,13 @@ def _candidate_trie(cands, cand_valid, num_cands, cand_len, merge, sc_, bc):
     return perm, sc, sv, owner, node_g
 
 
+def _use_kernel(*tensors) -> bool:
+    """The compiled kernel builds the trees: every input is on the CPU and LADE_JIT is not 0."""
+    if os.environ.get("LADE_JIT") == "0":
+        return False
+    return all(t is None or t.is_cpu for t in tensors)
+
+
 def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num_filled: torch.Tensor,
                      cands: torch.Tensor, cand_valid: torch.Tensor, max_cand_len: int | None = None,
                      window_size: torch.Tensor | None = None, num_cands: torch.Tensor | None = None,
@@ -280,6 +290,9 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     cand_len [B]: feed only the first cand_len[b] tokens of sequence b's candidates (default all).
     merge=False keeps every candidate as its own chain (for tests).
 
+    On the CPU the trees come from a compiled kernel (lade_vllm.proposer.tree_jit; ``LADE_JIT=0``
+    keeps the torch code below), with the same fields.
+
     Implementation: every sequence gets a padded row of P = L*W + D*G node slots, [window grid cell
     (l, c) at l*W + c | trie slot (depth j, sorted candidate i) at L*W + j*G + i], of which the
     existing nodes are kept in row order (which is the documented node order) by one compaction.
@@ -289,6 +302,11 @@ def build_step_trees(last_tokens: torch.Tensor, window_levels: torch.Tensor, num
     G, D = cands.shape[1], cands.shape[2]
     if max_cand_len is not None:
         D = max(min(D, max_cand_len), 0)
+    if _use_kernel(last_tokens, window_levels, num_filled, cands, cand_valid, window_size,
+                   num_cands, cand_len):
+        return StepTree(**step_tree_fields(last_tokens, window_levels, num_filled, cands,
+                                           cand_valid, D, window_size, num_cands, cand_len, merge),
+                        cand_len=D, max_depth=max(W - 1 + L - 1, D, 0))
     LW = L * W
     P = LW + D * G
     sc_ = _shape_consts(L, W, G, D, dev)

@@ -1,5 +1,5 @@
 """Step tree: ancestor mask vs a brute-force walk, DESIGN.md section 1 positions and visibility,
-trie merge structure."""
+trie merge structure; every test runs on the torch path and on the compiled CPU kernel."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +9,14 @@ from hypothesis import given, settings, strategies as st
 from lade_vllm.proposer import build_step_trees
 
 from .helpers import examples, ancestors_brute, node_path
+
+
+@pytest.fixture(autouse=True, scope="module", params=["0", "1"], ids=["torch", "jit"])
+def lade_jit(request):
+    """LADE_JIT=0: torch ops; 1: the compiled kernel (lade_vllm.proposer.tree_jit)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LADE_JIT", request.param)
+        yield request.param
 
 
 @st.composite
