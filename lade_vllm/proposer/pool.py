@@ -32,10 +32,17 @@ inside the call; continuations are compared through a 31-bit fingerprint per sto
 (``cont_fp``), and every fingerprint match is confirmed on the tokens: a collision (two different
 continuations with equal fingerprints, stored or in the call) sends the call to the exact path, so
 fingerprints never change the result.
+
+On CPU both ``insert`` and ``lookup`` run as numba kernels (``pool_jit.py``, same results; the
+torch code is the CUDA path and the reference); ``LADE_JIT=0`` selects the torch code on CPU too.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+from . import pool_jit
 
 _EMPTY = -1
 _KEY_SHIFT = 32  # (group << 32) | token packs a bucket id and a token (< 2**31) into one int64
@@ -91,6 +98,7 @@ class NgramPool:
         self._key_dump = nk
         self._cont_dump = nk * A
         self._clock = 0
+        self._np = None  # numpy views of the tables for the CPU kernels, made on first use
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -119,6 +127,44 @@ class NgramPool:
         self.cont_stamp.index_fill_(0, crows, _EMPTY)
         self.cont_fp.index_fill_(0, crows, _EMPTY)
 
+    # ------------------------------------------------------------------ CPU kernels
+    def _use_jit(self) -> bool:
+        """Whether ``insert`` / ``lookup`` run the numba kernels (CPU, unless ``LADE_JIT=0``)."""
+        return self.device.type == "cpu" and os.environ.get("LADE_JIT") != "0"
+
+    def _tables(self):
+        """numpy views (shared memory) of the tables, in the kernels' argument order."""
+        if self._np is None:
+            self._np = tuple(t.numpy() for t in (self.keys, self.key_stamp, self.conts,
+                                                 self.cont_stamp, self.cont_fp, self._fp_mult))
+        return self._np
+
+    def warm(self) -> None:
+        """Compile the CPU kernels now (numba, once per process) on a throw-away pool."""
+        if not self._use_jit():
+            return
+        tiny = NgramPool(1, self.ngram_size, 1, max_keys=1, key_ways=1)
+        tiny.insert(torch.zeros(1, dtype=torch.long), torch.zeros(1, self.ngram_size,
+                                                                   dtype=torch.long))
+        tiny.lookup(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+    def _lookup_jit(self, slots, keys):
+        keys_t, _, conts, stamps, _, _ = self._tables()
+        slots = slots.reshape(-1).long().contiguous().numpy()
+        keys = keys.reshape(-1).long().contiguous().numpy()
+        G, D = self.guess_set_size, self.ngram_size - 1
+        cands = torch.empty((keys.shape[0], G, D), dtype=torch.int64)
+        valid = torch.empty((keys.shape[0], G), dtype=torch.bool)
+        pool_jit.lookup_kernel(slots, keys, self.num_buckets, keys_t, conts, stamps,
+                               cands.numpy(), valid.numpy())
+        return cands, valid
+
+    def _insert_jit(self, slots, ngrams):
+        slots = slots.contiguous().numpy()
+        ngrams = ngrams.contiguous().numpy()
+        self._clock += pool_jit.insert_kernel(slots, ngrams, self._clock, self.num_buckets,
+                                              *self._tables())
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, slots: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of ``keys`` [B] in the pools of ``slots`` [B].
@@ -126,6 +172,8 @@ class NgramPool:
         Returns ``cands`` [B, G, N-1] (int64, -1 where invalid) and ``valid`` [B, G] (bool), oldest
         first with the valid ones packed at the front.
         """
+        if self._use_jit():
+            return self._lookup_jit(slots, keys)
         A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
         keys = keys.long()
         # a negative key becomes -2, which matches no entry (empty entries hold -1)
@@ -150,6 +198,9 @@ class NgramPool:
         slots = slots.reshape(-1).long()
         ngrams = ngrams.reshape(-1, self.ngram_size).long()
         if ngrams.shape[0] == 0:
+            return
+        if self._use_jit():
+            self._insert_jit(slots, ngrams)
             return
         if bool(torch.minimum(ngrams.min(), slots.min()) < 0):
             ok = (ngrams >= 0).all(1) & (slots >= 0)
