@@ -93,6 +93,7 @@ def test_numba_is_imported_on_first_match_only():
     """The step engine's modules load without numba: an in-process vLLM worker scans every module
     in sys.modules for Triton kernels at init, and llvmlite's wrappers break that scan."""
     code = ("import sys, numpy as np, lade_vllm.engine, lade_vllm.proposer.suffix as s\n"
+            "import lade_vllm.proposer.pool_jit\n"
             "assert 'numba' not in sys.modules and 'llvmlite' not in sys.modules\n"
             "print(s.suffix_candidates([np.array([1, 2, 3, 1, 2])], 2).tolist())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
