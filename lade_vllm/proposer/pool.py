@@ -34,12 +34,14 @@ continuations with equal fingerprints, stored or in the call) sends the call to 
 fingerprints never change the result.
 
 On CPU both ``insert`` and ``lookup`` run as numba kernels (``pool_jit.py``, same results; the
-torch code is the CUDA path and the reference); ``LADE_JIT=0`` selects the torch code on CPU too.
+torch code is the CUDA path and the reference); ``LADE_JIT=0`` when a pool is made selects the torch
+code on CPU too (``NgramPool.use_jit``; the two can be mixed on one pool).
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from . import pool_jit
@@ -99,6 +101,9 @@ class NgramPool:
         self._cont_dump = nk * A
         self._clock = 0
         self._np = None  # numpy views of the tables for the CPU kernels, made on first use
+        # insert / lookup run the numba kernels: on CPU, unless LADE_JIT=0 when the pool is made
+        # (read once: os.environ costs ~6 us per call after a model forward)
+        self.use_jit = self.device.type == "cpu" and os.environ.get("LADE_JIT") != "0"
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -128,10 +133,6 @@ class NgramPool:
         self.cont_fp.index_fill_(0, crows, _EMPTY)
 
     # ------------------------------------------------------------------ CPU kernels
-    def _use_jit(self) -> bool:
-        """Whether ``insert`` / ``lookup`` run the numba kernels (CPU, unless ``LADE_JIT=0``)."""
-        return self.device.type == "cpu" and os.environ.get("LADE_JIT") != "0"
-
     def _tables(self):
         """numpy views (shared memory) of the tables, in the kernels' argument order."""
         if self._np is None:
@@ -141,7 +142,7 @@ class NgramPool:
 
     def warm(self) -> None:
         """Compile the CPU kernels now (numba, once per process) on a throw-away pool."""
-        if not self._use_jit():
+        if not self.use_jit:
             return
         tiny = NgramPool(1, self.ngram_size, 1, max_keys=1, key_ways=1)
         tiny.insert(torch.zeros(1, dtype=torch.long), torch.zeros(1, self.ngram_size,
@@ -150,20 +151,19 @@ class NgramPool:
 
     def _lookup_jit(self, slots, keys):
         keys_t, _, conts, stamps, _, _ = self._tables()
-        slots = slots.reshape(-1).long().contiguous().numpy()
-        keys = keys.reshape(-1).long().contiguous().numpy()
+        keys = _int64_numpy(keys, (-1,))
         G, D = self.guess_set_size, self.ngram_size - 1
-        cands = torch.empty((keys.shape[0], G, D), dtype=torch.int64)
-        valid = torch.empty((keys.shape[0], G), dtype=torch.bool)
-        pool_jit.lookup_kernel(slots, keys, self.num_buckets, keys_t, conts, stamps,
-                               cands.numpy(), valid.numpy())
-        return cands, valid
+        cands = np.empty((keys.shape[0], G, D), dtype=np.int64)
+        valid = np.empty((keys.shape[0], G), dtype=np.bool_)
+        pool_jit.lookup_kernel(_int64_numpy(slots, (-1,)), keys, self.num_buckets, keys_t, conts,
+                               stamps, cands, valid)
+        return torch.from_numpy(cands), torch.from_numpy(valid)
 
     def _insert_jit(self, slots, ngrams):
-        slots = slots.contiguous().numpy()
-        ngrams = ngrams.contiguous().numpy()
-        self._clock += pool_jit.insert_kernel(slots, ngrams, self._clock, self.num_buckets,
-                                              *self._tables())
+        grams = _int64_numpy(ngrams, (-1, self.ngram_size))
+        if grams.shape[0]:
+            self._clock += pool_jit.insert_kernel(_int64_numpy(slots, (-1,)), grams, self._clock,
+                                                  self.num_buckets, *self._tables())
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, slots: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +172,7 @@ class NgramPool:
         Returns ``cands`` [B, G, N-1] (int64, -1 where invalid) and ``valid`` [B, G] (bool), oldest
         first with the valid ones packed at the front.
         """
-        if self._use_jit():
+        if self.use_jit:
             return self._lookup_jit(slots, keys)
         A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
         keys = keys.long()
@@ -195,12 +195,12 @@ class NgramPool:
         ``ngrams[:, 0]`` is the key, ``ngrams[:, 1:]`` the continuation. Rows with a negative token
         or a negative slot are ignored.
         """
+        if self.use_jit:
+            self._insert_jit(slots, ngrams)
+            return
         slots = slots.reshape(-1).long()
         ngrams = ngrams.reshape(-1, self.ngram_size).long()
         if ngrams.shape[0] == 0:
-            return
-        if self._use_jit():
-            self._insert_jit(slots, ngrams)
             return
         if bool(torch.minimum(ngrams.min(), slots.min()) < 0):
             ok = (ngrams >= 0).all(1) & (slots >= 0)
@@ -338,6 +338,13 @@ class NgramPool:
 
 
 _FP_BITS = 31
+
+
+def _int64_numpy(t: torch.Tensor, shape: tuple) -> np.ndarray:
+    """A CPU tensor as a C-contiguous int64 numpy array of ``shape`` (no copy when it is one)."""
+    if t.dtype != torch.int64 or not t.is_contiguous():
+        t = t.long().contiguous()
+    return t.numpy().reshape(shape)
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 

@@ -322,13 +322,27 @@ def _assert_same_lookups(a: NgramPool, b: NgramPool, vocab: int):
     assert torch.equal(a.key_stamp[:-1].sort(1).values, b.key_stamp[:-1].sort(1).values)
 
 
-def _call_with(monkeypatch, jit: bool, fn, *args):
-    monkeypatch.setenv("LADE_JIT", "1" if jit else "0")
-    return fn(*args)
+def _call_with(pool: NgramPool, jit: bool, name: str, *args):
+    """``pool.<name>(*args)`` through the kernels (jit) or the torch code."""
+    pool.use_jit = jit
+    return getattr(pool, name)(*args)
+
+
+def _set_path(jit: bool, *pools):
+    for pool in pools:
+        pool.use_jit = jit
+
+
+def test_lade_jit_selects_the_path(monkeypatch):
+    monkeypatch.setenv("LADE_JIT", "0")
+    assert not NgramPool(1, 3, 2).use_jit
+    monkeypatch.setenv("LADE_JIT", "1")
+    assert NgramPool(1, 3, 2).use_jit
+    assert not NgramPool(1, 3, 2, device="meta").use_jit
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_jit_kernels_equal_the_torch_path(monkeypatch, jit_path, seed):
+def test_jit_kernels_equal_the_torch_path(jit_path, seed):
     """Random insert / reset sequences (small vocabulary: keys repeat, buckets and lists overflow
     inside one call): the kernels' pool answers every lookup like the torch path's."""
     if jit_path == "0":
@@ -341,20 +355,20 @@ def test_jit_kernels_equal_the_torch_path(monkeypatch, jit_path, seed):
     for _ in range(80):
         if rng.random() < 0.08:
             slots = torch.tensor([rng.randrange(3)])
-            _call_with(monkeypatch, True, jit.reset, slots)
-            _call_with(monkeypatch, False, ref.reset, slots)
+            _call_with(jit, True, "reset", slots)
+            _call_with(ref, False, "reset", slots)
         else:
             slots, grams = _random_call(rng, jit, vocab)
-            _call_with(monkeypatch, True, jit.insert, slots, grams)
-            _call_with(monkeypatch, False, ref.insert, slots, grams)
-        monkeypatch.setenv("LADE_JIT", "1")  # both pools looked up by the kernel
+            _call_with(jit, True, "insert", slots, grams)
+            _call_with(ref, False, "insert", slots, grams)
+        _set_path(True, jit, ref)    # both pools looked up by the kernel
         _assert_same_lookups(jit, ref, vocab)
-        monkeypatch.setenv("LADE_JIT", "0")  # and by the torch code
+        _set_path(False, jit, ref)   # and by the torch code
         _assert_same_lookups(jit, ref, vocab)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_alternating_paths_on_one_pool(monkeypatch, jit_path, seed):
+def test_alternating_paths_on_one_pool(jit_path, seed):
     """A pool driven by the kernels and the torch code in turn (each continuing on what the other
     wrote, fingerprints included) matches the model and a torch-only pool, lookups from both paths."""
     if jit_path == "0":
@@ -367,15 +381,15 @@ def test_alternating_paths_on_one_pool(monkeypatch, jit_path, seed):
     for step in range(120):
         jit = rng.random() < 0.5
         slots, grams = _random_call(rng, mixed, vocab)
-        _call_with(monkeypatch, jit, mixed.insert, slots, grams)
-        _call_with(monkeypatch, False, ref.insert, slots, grams)
+        _call_with(mixed, jit, "insert", slots, grams)
+        _call_with(ref, False, "insert", slots, grams)
         model.insert(list(zip(slots.tolist(), grams.tolist())))
         if step % 29 == 28:
-            _call_with(monkeypatch, jit, mixed.reset, torch.tensor([step % 3]))
-            _call_with(monkeypatch, False, ref.reset, torch.tensor([step % 3]))
+            _call_with(mixed, jit, "reset", torch.tensor([step % 3]))
+            _call_with(ref, False, "reset", torch.tensor([step % 3]))
             model.reset(step % 3)
         for look_jit in (True, False):
-            monkeypatch.setenv("LADE_JIT", "1" if look_jit else "0")
+            _set_path(look_jit, mixed, ref)
             _assert_same_lookups(mixed, ref, vocab)
             cands, valid = mixed.lookup(torch.full((vocab,), step % 3), torch.arange(vocab))
             for key in range(vocab):
