@@ -134,11 +134,19 @@ class NgramPool:
 
     # ------------------------------------------------------------------ CPU kernels
     def _tables(self):
-        """numpy views (shared memory) of the tables, in the kernels' argument order."""
-        if self._np is None:
-            self._np = tuple(t.numpy() for t in (self.keys, self.key_stamp, self.conts,
-                                                 self.cont_stamp, self.cont_fp, self._fp_mult))
-        return self._np
+        """numpy views (shared memory) of the tables, in the kernels' argument order; made again
+        when a table was replaced."""
+        src = (self.keys, self.key_stamp, self.conts, self.cont_stamp, self.cont_fp, self._fp_mult)
+        if self._np is None or any(a is not b for a, b in zip(self._np[0], src)):
+            self._np = (src, tuple(t.numpy() for t in src))
+        return self._np[1]
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) make their own views: copied arrays would not share memory
+        # with the copied tensors
+        state = self.__dict__.copy()
+        state["_np"] = None
+        return state
 
     def warm(self) -> None:
         """Compile the CPU kernels now (numba, once per process) on a throw-away pool."""

@@ -428,3 +428,15 @@ def test_warm_compiles_both_kernels(jit_path):
     NgramPool(2, 5, 15).warm()   # a no-op with LADE_JIT=0
     if jit_path == "1":
         assert pool_jit.insert_kernel.fn is not None and pool_jit.lookup_kernel.fn is not None
+
+
+def test_copied_pool_writes_its_own_tables():
+    """A deep copy's kernels write the copy's tensors (the numpy views are not copied along)."""
+    import copy
+    pool = NgramPool(1, 3, 2)
+    pool.insert(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 2, 3]]))
+    pool.lookup(torch.zeros(1, dtype=torch.long), torch.tensor([1]))   # views made
+    other = copy.deepcopy(pool)
+    other.insert(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 4, 5]]))
+    assert pool.lookup(torch.tensor([0]), torch.tensor([1]))[0][0].tolist() == [[2, 3], [-1, -1]]
+    assert other.lookup(torch.tensor([0]), torch.tensor([1]))[0][0].tolist() == [[2, 3], [4, 5]]
