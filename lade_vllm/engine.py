@@ -98,8 +98,8 @@ class LadeEngine(StepVerifier):
         self.step = StepContext()
         self.period = StepPeriod()   # whole steps, proposal to proposal, for the policy
         self.start_seconds = 0.0     # spent starting requests' lookahead state in this proposal
-        # compile the suffix matcher now (numba, ~1 s), not in the first request's first step
-        self.state.suffix_match([np.zeros(2, dtype=np.int64)])
+        # compile the numba kernels now (suffix matcher, CPU pool), not in the first request's step
+        self.state.warm()
         # finished / resumed requests, told to the attention backend with the next tree layout
         self.kv_stale: set[str] = set()
 

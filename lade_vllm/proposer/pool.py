@@ -32,10 +32,19 @@ inside the call; continuations are compared through a 31-bit fingerprint per sto
 (``cont_fp``), and every fingerprint match is confirmed on the tokens: a collision (two different
 continuations with equal fingerprints, stored or in the call) sends the call to the exact path, so
 fingerprints never change the result.
+
+On CPU both ``insert`` and ``lookup`` run as numba kernels (``pool_jit.py``, same results; the
+torch code is the CUDA path and the reference); ``LADE_JIT=0`` when a pool is made selects the torch
+code on CPU too (``NgramPool.use_jit``; the two can be mixed on one pool).
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
+
+from . import pool_jit
 
 _EMPTY = -1
 _KEY_SHIFT = 32  # (group << 32) | token packs a bucket id and a token (< 2**31) into one int64
@@ -91,6 +100,10 @@ class NgramPool:
         self._key_dump = nk
         self._cont_dump = nk * A
         self._clock = 0
+        self._np = None  # numpy views of the tables for the CPU kernels, made on first use
+        # insert / lookup run the numba kernels: on CPU, unless LADE_JIT=0 when the pool is made
+        # (read once: os.environ costs ~6 us per call after a model forward)
+        self.use_jit = self.device.type == "cpu" and os.environ.get("LADE_JIT") != "0"
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -119,6 +132,47 @@ class NgramPool:
         self.cont_stamp.index_fill_(0, crows, _EMPTY)
         self.cont_fp.index_fill_(0, crows, _EMPTY)
 
+    # ------------------------------------------------------------------ CPU kernels
+    def _tables(self):
+        """numpy views (shared memory) of the tables, in the kernels' argument order; made again
+        when a table was replaced."""
+        src = (self.keys, self.key_stamp, self.conts, self.cont_stamp, self.cont_fp, self._fp_mult)
+        if self._np is None or any(a is not b for a, b in zip(self._np[0], src)):
+            self._np = (src, tuple(t.numpy() for t in src))
+        return self._np[1]
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) make their own views: copied arrays would not share memory
+        # with the copied tensors
+        state = self.__dict__.copy()
+        state["_np"] = None
+        return state
+
+    def warm(self) -> None:
+        """Compile the CPU kernels now (numba, once per process) on a throw-away pool."""
+        if not self.use_jit:
+            return
+        tiny = NgramPool(1, self.ngram_size, 1, max_keys=1, key_ways=1)
+        tiny.insert(torch.zeros(1, dtype=torch.long), torch.zeros(1, self.ngram_size,
+                                                                   dtype=torch.long))
+        tiny.lookup(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+    def _lookup_jit(self, slots, keys):
+        keys_t, _, conts, stamps, _, _ = self._tables()
+        keys = _int64_numpy(keys, (-1,))
+        G, D = self.guess_set_size, self.ngram_size - 1
+        cands = np.empty((keys.shape[0], G, D), dtype=np.int64)
+        valid = np.empty((keys.shape[0], G), dtype=np.bool_)
+        pool_jit.lookup_kernel(_int64_numpy(slots, (-1,)), keys, self.num_buckets, keys_t, conts,
+                               stamps, cands, valid)
+        return torch.from_numpy(cands), torch.from_numpy(valid)
+
+    def _insert_jit(self, slots, ngrams):
+        grams = _int64_numpy(ngrams, (-1, self.ngram_size))
+        if grams.shape[0]:
+            self._clock += pool_jit.insert_kernel(_int64_numpy(slots, (-1,)), grams, self._clock,
+                                                  self.num_buckets, *self._tables())
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, slots: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continuations of ``keys`` [B] in the pools of ``slots`` [B].
@@ -126,6 +180,8 @@ class NgramPool:
         Returns ``cands`` [B, G, N-1] (int64, -1 where invalid) and ``valid`` [B, G] (bool), oldest
         first with the valid ones packed at the front.
         """
+        if self.use_jit:
+            return self._lookup_jit(slots, keys)
         A, G, D = self.key_ways, self.guess_set_size, self.ngram_size - 1
         keys = keys.long()
         # a negative key becomes -2, which matches no entry (empty entries hold -1)
@@ -147,6 +203,9 @@ class NgramPool:
         ``ngrams[:, 0]`` is the key, ``ngrams[:, 1:]`` the continuation. Rows with a negative token
         or a negative slot are ignored.
         """
+        if self.use_jit:
+            self._insert_jit(slots, ngrams)
+            return
         slots = slots.reshape(-1).long()
         ngrams = ngrams.reshape(-1, self.ngram_size).long()
         if ngrams.shape[0] == 0:
@@ -287,6 +346,13 @@ class NgramPool:
 
 
 _FP_BITS = 31
+
+
+def _int64_numpy(t: torch.Tensor, shape: tuple) -> np.ndarray:
+    """A CPU tensor as a C-contiguous int64 numpy array of ``shape`` (no copy when it is one)."""
+    if t.dtype != torch.int64 or not t.is_contiguous():
+        t = t.long().contiguous()
+    return t.numpy().reshape(shape)
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 

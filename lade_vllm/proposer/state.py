@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .pool import NgramPool, ngrams_from_tokens
@@ -122,6 +123,12 @@ class LookaheadState:
         return build_step_trees(last_tokens, levels, filled, cands, valid,
                                 max_cand_len=max_cand_len, window_size=width,
                                 num_cands=num_cands, cand_len=cand_len)
+
+    def warm(self) -> None:
+        """Compile the numba kernels now (the suffix matcher when it is on, the pool's insert /
+        lookup on CPU; about 1-4 s, once per process), not in the first request's first step."""
+        self.suffix_match([np.zeros(2, dtype=np.int64)])
+        self.pool.warm()
 
     def suffix_match(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per context its suffix-match candidate, ``[B, suffix_tokens]`` (-1 padded; all -1: no

@@ -1,12 +1,24 @@
-"""NgramPool vs a plain dict-of-lists model (including the documented key eviction)."""
+"""NgramPool vs a plain dict-of-lists model (including the documented key eviction), on both CPU
+paths (numba kernels and torch code), and the two paths against each other."""
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from lade_vllm.proposer import NgramPool, ngrams_from_tokens
 
 from .helpers import examples
+
+
+@pytest.fixture(autouse=True, scope="module", params=["1", "0"], ids=["jit", "torch"])
+def jit_path(request):
+    """Every test of this module runs with the numba kernels (LADE_JIT=1) and the torch code."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LADE_JIT", request.param)
+        yield request.param
 
 
 class PoolModel:
@@ -193,6 +205,7 @@ def test_pool_matches_model_with_colliding_fingerprints(n_ops, keys_ways, G):
 
 
 def test_fingerprint_collision_takes_the_exact_path(monkeypatch):
+    monkeypatch.setenv("LADE_JIT", "0")  # spies on the torch fast paths
     import lade_vllm.proposer.pool as pool_mod
     monkeypatch.setattr(pool_mod, "_fingerprint", _weak_fingerprint)
     fast = _spy(monkeypatch, "_insert_conts_fast")
@@ -212,6 +225,7 @@ def test_fingerprint_collision_takes_the_exact_path(monkeypatch):
 
 def test_fast_and_exact_paths_are_exercised_and_agree(monkeypatch):
     """Random decoding-like traffic through small pools: every path is taken, all match the model."""
+    monkeypatch.setenv("LADE_JIT", "0")  # spies on the torch fast paths
     fast = _spy(monkeypatch, "_insert_conts_fast")
     new_keys = _spy(monkeypatch, "_place_new_keys")
     exact_keys = _spy(monkeypatch, "_insert_keys_exact")
@@ -275,3 +289,154 @@ def test_catching_up_several_slots_at_once_equals_one_slot_at_a_time():
     for name in ("keys", "key_stamp", "conts", "cont_stamp", "cont_fp"):
         assert torch.equal(getattr(a.pool, name), getattr(b.pool, name)), name
     assert torch.equal(a.history, b.history)
+
+
+# ----------------------------------------------------------------------------- numba kernels
+# On CPU insert/lookup run pool_jit's kernels unless LADE_JIT=0. Placement inside a bucket may
+# differ from the torch code; lookups, clocks and key stamps (as a multiset per bucket) may not.
+
+def _random_call(rng, pool, vocab):
+    """A random insert call: duplicates inside the call, negative tokens and slots, few keys."""
+    N = pool.ngram_size
+    m = rng.choice([0, 1, 3, 8, 20, 40])
+    slots = [rng.choice([-1] + list(range(pool.max_seqs)) * 4) for _ in range(m)]
+    grams = [[rng.randrange(-1 if rng.random() < 0.05 else 0, vocab) for _ in range(N)]
+             for _ in range(m)]
+    for i in range(1, m):  # repeat earlier rows (in-call duplicates and refreshes)
+        if rng.random() < 0.2:
+            j = rng.randrange(i)
+            slots[i], grams[i] = slots[j], list(grams[j])
+    return torch.tensor(slots, dtype=torch.long), torch.tensor(grams, dtype=torch.long).reshape(-1, N)
+
+
+def _assert_same_lookups(a: NgramPool, b: NgramPool, vocab: int):
+    slots = torch.arange(a.max_seqs).repeat_interleave(vocab + 1)
+    keys = torch.arange(-1, vocab).repeat(a.max_seqs)
+    ca, va = a.lookup(slots, keys)
+    cb, vb = b.lookup(slots, keys)
+    assert ca.dtype == cb.dtype == torch.int64 and va.dtype == vb.dtype == torch.bool
+    assert ca.shape == cb.shape and va.shape == vb.shape
+    assert torch.equal(va, vb) and torch.equal(ca, cb)
+    assert a._clock == b._clock
+    # the same key stamps per bucket (entries may sit in other ways; the dump row is scratch)
+    assert torch.equal(a.key_stamp[:-1].sort(1).values, b.key_stamp[:-1].sort(1).values)
+
+
+def _call_with(pool: NgramPool, jit: bool, name: str, *args):
+    """``pool.<name>(*args)`` through the kernels (jit) or the torch code."""
+    pool.use_jit = jit
+    return getattr(pool, name)(*args)
+
+
+def _set_path(jit: bool, *pools):
+    for pool in pools:
+        pool.use_jit = jit
+
+
+def test_lade_jit_selects_the_path(monkeypatch):
+    monkeypatch.setenv("LADE_JIT", "0")
+    assert not NgramPool(1, 3, 2).use_jit
+    monkeypatch.setenv("LADE_JIT", "1")
+    assert NgramPool(1, 3, 2).use_jit
+    assert not NgramPool(1, 3, 2, device="meta").use_jit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_jit_kernels_equal_the_torch_path(jit_path, seed):
+    """Random insert / reset sequences (small vocabulary: keys repeat, buckets and lists overflow
+    inside one call): the kernels' pool answers every lookup like the torch path's."""
+    if jit_path == "0":
+        pytest.skip("compares both paths itself")
+    rng = random.Random(seed)
+    N, G = rng.choice([(2, 1), (3, 2), (4, 3), (5, 15)])
+    max_keys, ways = rng.choice([(1, 1), (4, 2), (8, 4), (64, 16)])
+    vocab = rng.choice([4, 9, 30])
+    jit, ref = (NgramPool(3, N, G, max_keys=max_keys, key_ways=ways) for _ in range(2))
+    for _ in range(80):
+        if rng.random() < 0.08:
+            slots = torch.tensor([rng.randrange(3)])
+            _call_with(jit, True, "reset", slots)
+            _call_with(ref, False, "reset", slots)
+        else:
+            slots, grams = _random_call(rng, jit, vocab)
+            _call_with(jit, True, "insert", slots, grams)
+            _call_with(ref, False, "insert", slots, grams)
+        _set_path(True, jit, ref)    # both pools looked up by the kernel
+        _assert_same_lookups(jit, ref, vocab)
+        _set_path(False, jit, ref)   # and by the torch code
+        _assert_same_lookups(jit, ref, vocab)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_alternating_paths_on_one_pool(jit_path, seed):
+    """A pool driven by the kernels and the torch code in turn (each continuing on what the other
+    wrote, fingerprints included) matches the model and a torch-only pool, lookups from both paths."""
+    if jit_path == "0":
+        pytest.skip("alternates both paths itself")
+    rng = random.Random(100 + seed)
+    N, G, vocab = 3, 2, 6
+    mixed = NgramPool(3, N, G, max_keys=4, key_ways=2)
+    ref = NgramPool(3, N, G, max_keys=4, key_ways=2)
+    model = PoolModel(mixed)
+    for step in range(120):
+        jit = rng.random() < 0.5
+        slots, grams = _random_call(rng, mixed, vocab)
+        _call_with(mixed, jit, "insert", slots, grams)
+        _call_with(ref, False, "insert", slots, grams)
+        model.insert(list(zip(slots.tolist(), grams.tolist())))
+        if step % 29 == 28:
+            _call_with(mixed, jit, "reset", torch.tensor([step % 3]))
+            _call_with(ref, False, "reset", torch.tensor([step % 3]))
+            model.reset(step % 3)
+        for look_jit in (True, False):
+            _set_path(look_jit, mixed, ref)
+            _assert_same_lookups(mixed, ref, vocab)
+            cands, valid = mixed.lookup(torch.full((vocab,), step % 3), torch.arange(vocab))
+            for key in range(vocab):
+                got = [tuple(c) for c, v in zip(cands[key].tolist(), valid[key].tolist()) if v]
+                assert got == model.lookup(step % 3, key)
+        stored = mixed.cont_stamp[:-1] >= 0
+        fp = mixed._fingerprint(mixed.conts.view(-1, N - 1).long()).view(mixed.cont_fp.shape)[:-1]
+        assert torch.equal(mixed.cont_fp[:-1][stored], fp[stored])
+        assert (mixed.cont_fp[:-1][~stored] == -1).all()
+
+
+def test_jit_insert_with_colliding_fingerprints(monkeypatch, jit_path):
+    """The kernel confirms every fingerprint match on the tokens: with a fingerprint that collides
+    all the time (run as plain Python) it still matches the model."""
+    if jit_path == "0":
+        pytest.skip("kernel only")
+    from lade_vllm.proposer import pool_jit as pj
+    from lade_vllm.proposer.jit import Kernel
+
+    def weak(row, start, mult):
+        return row[start] % 2
+    plain = Kernel(lambda njit: pj._insert_of(pj._bucket, weak, pj._find_key, pj._argmin,
+                                              pj._find_cont, pj._row_stamps))
+    monkeypatch.setattr(pj, "insert_kernel", plain)
+    rng = random.Random(7)
+    pool = NgramPool(2, 3, 3, max_keys=4, key_ways=2)
+    ops = []
+    for _ in range(40):
+        slots, grams = _random_call(rng, pool, 5)
+        ops.append(("insert", list(zip(slots.tolist(), grams.tolist()))))
+    _run_against_model(pool, ops)
+
+
+def test_warm_compiles_both_kernels(jit_path):
+    from lade_vllm.proposer import pool_jit
+    NgramPool(2, 5, 15).warm()   # a no-op with LADE_JIT=0
+    if jit_path == "1":
+        assert pool_jit.insert_kernel.fn is not None and pool_jit.lookup_kernel.fn is not None
+
+
+def test_copied_pool_writes_its_own_tables():
+    """A deep copy's kernels write the copy's tensors (the numpy views are not copied along)."""
+    import copy
+    pool = NgramPool(1, 3, 2)
+    pool.insert(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 2, 3]]))
+    pool.lookup(torch.zeros(1, dtype=torch.long), torch.tensor([1]))   # views made
+    other = copy.deepcopy(pool)
+    other.insert(torch.zeros(1, dtype=torch.long), torch.tensor([[1, 4, 5]]))
+    assert pool.lookup(torch.tensor([0]), torch.tensor([1]))[0][0].tolist() == [[2, 3], [-1, -1]]
+    assert other.lookup(torch.tensor([0]), torch.tensor([1]))[0][0].tolist() == [[2, 3], [4, 5]]

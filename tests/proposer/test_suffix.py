@@ -93,7 +93,7 @@ def test_numba_is_imported_on_first_match_only():
     """The step engine's modules load without numba: an in-process vLLM worker scans every module
     in sys.modules for Triton kernels at init, and llvmlite's wrappers break that scan."""
     code = ("import sys, numpy as np, lade_vllm.engine, lade_vllm.proposer.tree_jit\n"
-            "import lade_vllm.proposer.storage_jit, lade_vllm.proposal\n"
+            "import lade_vllm.proposer.storage_jit, lade_vllm.proposal, lade_vllm.proposer.pool_jit\n"
             "import lade_vllm.proposer.suffix as s\n"
             "assert 'numba' not in sys.modules and 'llvmlite' not in sys.modules\n"
             "print(s.suffix_candidates([np.array([1, 2, 3, 1, 2])], 2).tolist())\n")
