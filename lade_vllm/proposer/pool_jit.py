@@ -96,118 +96,106 @@ def _row_stamps(slots, grams, clock):
     return stamp, kept
 
 
-def _insert_of(bucket, fingerprint, find_key, argmin, find_cont, row_stamps):
-    def insert(slots, grams, clock, num_buckets, keys, key_stamp, conts, cont_stamp, cont_fp,
-               mult):
-        """Insert rows ``grams`` [M, N] into the pools of ``slots`` [M]; returns the number of
-        rows stamped (the pool's clock advances by it)."""
-        M = grams.shape[0]
-        A = keys.shape[1]
-        stamp, kept = row_stamps(slots, grams, clock)
-        if kept == 0:
-            return 0
-        group = np.empty(M, dtype=np.int64)
-        for r in range(M):
-            group[r] = slots[r] * num_buckets + bucket(grams[r, 0], num_buckets) \
-                if stamp[r] >= 0 else -1
-        # 1. keys already stored: refresh (forward, so each ends with its latest stamp)
-        for r in range(M):
-            if stamp[r] >= 0:
-                w = find_key(keys[group[r]], grams[r, 0])
-                if w >= 0:
-                    key_stamp[group[r], w] = stamp[r]
-        # 2. new keys, newest row first: take the bucket's oldest entry if older than this row
-        for r in range(M - 1, -1, -1):
-            if stamp[r] < 0:
-                continue
-            g = group[r]
-            if find_key(keys[g], grams[r, 0]) >= 0:
-                continue
-            w = argmin(key_stamp[g])
-            if key_stamp[g, w] < stamp[r]:
-                keys[g, w] = grams[r, 0]
-                key_stamp[g, w] = stamp[r]
-                e = g * A + w
-                cont_stamp[e, :] = -1
-                cont_fp[e, :] = -1
-        # key entry (-1: the key did not stay) and fingerprint of each row
-        entry = np.empty(M, dtype=np.int64)
-        fp = np.empty(M, dtype=np.int64)
-        for r in range(M):
-            entry[r] = -1
-            if stamp[r] >= 0:
-                w = find_key(keys[group[r]], grams[r, 0])
-                if w >= 0:
-                    entry[r] = group[r] * A + w
-                    fp[r] = fingerprint(grams[r], 1, mult)
-        # 3a. continuations already stored: refresh (forward)
-        for r in range(M):
-            e = entry[r]
-            if e >= 0:
-                j = find_cont(cont_fp[e], conts[e], grams[r], fp[r])
-                if j >= 0:
-                    cont_stamp[e, j] = stamp[r]
-        # 3b. new continuations, newest row first: over the list's oldest entry if older
-        for r in range(M - 1, -1, -1):
-            e = entry[r]
-            if e < 0 or find_cont(cont_fp[e], conts[e], grams[r], fp[r]) >= 0:
-                continue
-            j = argmin(cont_stamp[e])
-            if cont_stamp[e, j] < stamp[r]:
-                for d in range(conts.shape[2]):
-                    conts[e, j, d] = grams[r, 1 + d]
-                cont_fp[e, j] = fp[r]
-                cont_stamp[e, j] = stamp[r]
-        return kept
-    return insert
-
-
-def _lookup_of(bucket, find_key):
-    def lookup(slots, qkeys, num_buckets, keys, conts, cont_stamp, cands, valid):
-        """Fill ``cands`` [B, G, D] / ``valid`` [B, G] with the stored continuations of each
-        query key, oldest first (-1 / False after them; a negative key or slot finds nothing)."""
-        A = keys.shape[1]
-        G = cont_stamp.shape[1]
-        order = np.empty(G, dtype=np.int64)
-        for b in range(qkeys.shape[0]):
-            cands[b] = -1
-            valid[b] = False
-            key = qkeys[b]
-            if key < 0 or slots[b] < 0:
-                continue
-            g = slots[b] * num_buckets + bucket(key, num_buckets)
-            w = find_key(keys[g], key)
-            if w < 0:
-                continue
+def _insert(slots, grams, clock, num_buckets, keys, key_stamp, conts, cont_stamp, cont_fp,
+           mult):
+    """Insert rows ``grams`` [M, N] into the pools of ``slots`` [M]; returns the number of
+    rows stamped (the pool's clock advances by it)."""
+    M = grams.shape[0]
+    A = keys.shape[1]
+    stamp, kept = _row_stamps(slots, grams, clock)
+    if kept == 0:
+        return 0
+    group = np.empty(M, dtype=np.int64)
+    for r in range(M):
+        group[r] = slots[r] * num_buckets + _bucket(grams[r, 0], num_buckets) \
+            if stamp[r] >= 0 else -1
+    # 1. keys already stored: refresh (forward, so each ends with its latest stamp)
+    for r in range(M):
+        if stamp[r] >= 0:
+            w = _find_key(keys[group[r]], grams[r, 0])
+            if w >= 0:
+                key_stamp[group[r], w] = stamp[r]
+    # 2. new keys, newest row first: take the bucket's oldest entry if older than this row
+    for r in range(M - 1, -1, -1):
+        if stamp[r] < 0:
+            continue
+        g = group[r]
+        if _find_key(keys[g], grams[r, 0]) >= 0:
+            continue
+        w = _argmin(key_stamp[g])
+        if key_stamp[g, w] < stamp[r]:
+            keys[g, w] = grams[r, 0]
+            key_stamp[g, w] = stamp[r]
             e = g * A + w
-            # stored entries, insertion-sorted by stamp
-            n = 0
-            for j in range(G):
-                s = cont_stamp[e, j]
-                if s >= 0:
-                    i = n
-                    while i > 0 and cont_stamp[e, order[i - 1]] > s:
-                        order[i] = order[i - 1]
-                        i -= 1
-                    order[i] = j
-                    n += 1
-            for i in range(n):
-                valid[b, i] = True
-                for d in range(conts.shape[2]):
-                    cands[b, i, d] = conts[e, order[i], d]
-    return lookup
+            cont_stamp[e, :] = -1
+            cont_fp[e, :] = -1
+    # key entry (-1: the key did not stay) and fingerprint of each row
+    entry = np.empty(M, dtype=np.int64)
+    fp = np.empty(M, dtype=np.int64)
+    for r in range(M):
+        entry[r] = -1
+        if stamp[r] >= 0:
+            w = _find_key(keys[group[r]], grams[r, 0])
+            if w >= 0:
+                entry[r] = group[r] * A + w
+                fp[r] = _fingerprint(grams[r], 1, mult)
+    # 3a. continuations already stored: refresh (forward)
+    for r in range(M):
+        e = entry[r]
+        if e >= 0:
+            j = _find_cont(cont_fp[e], conts[e], grams[r], fp[r])
+            if j >= 0:
+                cont_stamp[e, j] = stamp[r]
+    # 3b. new continuations, newest row first: over the list's oldest entry if older
+    for r in range(M - 1, -1, -1):
+        e = entry[r]
+        if e < 0 or _find_cont(cont_fp[e], conts[e], grams[r], fp[r]) >= 0:
+            continue
+        j = _argmin(cont_stamp[e])
+        if cont_stamp[e, j] < stamp[r]:
+            for d in range(conts.shape[2]):
+                conts[e, j, d] = grams[r, 1 + d]
+            cont_fp[e, j] = fp[r]
+            cont_stamp[e, j] = stamp[r]
+    return kept
 
 
-def _build_insert(njit):
-    return njit(_insert_of(njit(_bucket), njit(_fingerprint), njit(_find_key), njit(_argmin),
-                           njit(_find_cont), njit(_row_stamps)))
-
-
-def _build_lookup(njit):
-    return njit(_lookup_of(njit(_bucket), njit(_find_key)))
+def _lookup(slots, qkeys, num_buckets, keys, conts, cont_stamp, cands, valid):
+    """Fill ``cands`` [B, G, D] / ``valid`` [B, G] with the stored continuations of each
+    query key, oldest first (-1 / False after them; a negative key or slot finds nothing)."""
+    A = keys.shape[1]
+    G = cont_stamp.shape[1]
+    order = np.empty(G, dtype=np.int64)
+    for b in range(qkeys.shape[0]):
+        cands[b] = -1
+        valid[b] = False
+        key = qkeys[b]
+        if key < 0 or slots[b] < 0:
+            continue
+        g = slots[b] * num_buckets + _bucket(key, num_buckets)
+        w = _find_key(keys[g], key)
+        if w < 0:
+            continue
+        e = g * A + w
+        # stored entries, insertion-sorted by stamp
+        n = 0
+        for j in range(G):
+            s = cont_stamp[e, j]
+            if s >= 0:
+                i = n
+                while i > 0 and cont_stamp[e, order[i - 1]] > s:
+                    order[i] = order[i - 1]
+                    i -= 1
+                order[i] = j
+                n += 1
+        for i in range(n):
+            valid[b, i] = True
+            for d in range(conts.shape[2]):
+                cands[b, i, d] = conts[e, order[i], d]
 
 
 #: ``insert(slots, grams, clock, num_buckets, keys, key_stamp, conts, cont_stamp, cont_fp, mult)``
-insert_kernel = Kernel(_build_insert)
+insert_kernel = Kernel(globals(), "_bucket", "_fingerprint", "_find_key", "_argmin", "_find_cont",
+                       "_row_stamps", "_insert")
 #: ``lookup(slots, qkeys, num_buckets, keys, conts, cont_stamp, cands, valid)``
-lookup_kernel = Kernel(_build_lookup)
+lookup_kernel = Kernel(globals(), "_bucket", "_find_key", "_lookup")

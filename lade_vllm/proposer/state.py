@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import storage_jit, tree_jit
 from .pool import NgramPool, ngrams_from_tokens
 from .suffix import suffix_match
 from .tree import StepTree, build_step_trees
@@ -125,10 +126,14 @@ class LookaheadState:
                                 num_cands=num_cands, cand_len=cand_len)
 
     def warm(self) -> None:
-        """Compile the numba kernels now (the suffix matcher when it is on, the pool's insert /
-        lookup on CPU; about 1-4 s, once per process), not in the first request's first step."""
+        """Load the numba kernels now (the suffix matcher when it is on; on CPU the pool's insert
+        and lookup, the tree and storage-order builders), not in the first request's first step:
+        well under a second from numba's disk cache, several seconds compiling them."""
         self.suffix_match([np.zeros(2, dtype=np.int64)])
         self.pool.warm()
+        if self.device.type == "cpu":
+            tree_jit.warm()
+            storage_jit.warm()
 
     def suffix_match(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per context its suffix-match candidate, ``[B, suffix_tokens]`` (-1 padded; all -1: no

@@ -36,41 +36,39 @@ def _storage_perm(node_seq, is_trie, root_index):
     return order
 
 
-def _kernel_of(storage_perm):
-    def storage(node_seq, is_trie, root_index, parent, tokens, depth, seq_start):
-        T, B = node_seq.shape[0], root_index.shape[0]
-        order = storage_perm(node_seq, is_trie, root_index)
-        inv = np.empty(T, dtype=np.int64)
-        for i in range(T):
-            inv[order[i]] = i
-        local = np.empty(T, dtype=np.int64)       # tree node, local to its sequence
-        parent_s = np.empty(T, dtype=np.int64)    # storage-order parent, local (-1: root)
-        tokens_s = np.empty(T, dtype=np.int64)
-        depth_s = np.empty(T, dtype=np.int64)
-        num_trie = np.zeros(B, dtype=np.int64)
-        for b in range(B):
-            lo = seq_start[b]
-            for i in range(lo, seq_start[b + 1]):
-                node = order[i]
-                local[i] = node - lo
-                p = parent[node]
-                parent_s[i] = inv[p] - lo if p >= 0 else -1
-                tokens_s[i] = tokens[node]
-                depth_s[i] = depth[node]
-                if is_trie[node]:
-                    num_trie[b] += 1
-        return local, parent_s, tokens_s, depth_s, num_trie
-    return storage
+def _storage(node_seq, is_trie, root_index, parent, tokens, depth, seq_start):
+    T, B = node_seq.shape[0], root_index.shape[0]
+    order = _storage_perm(node_seq, is_trie, root_index)
+    inv = np.empty(T, dtype=np.int64)
+    for i in range(T):
+        inv[order[i]] = i
+    local = np.empty(T, dtype=np.int64)       # tree node, local to its sequence
+    parent_s = np.empty(T, dtype=np.int64)    # storage-order parent, local (-1: root)
+    tokens_s = np.empty(T, dtype=np.int64)
+    depth_s = np.empty(T, dtype=np.int64)
+    num_trie = np.zeros(B, dtype=np.int64)
+    for b in range(B):
+        lo = seq_start[b]
+        for i in range(lo, seq_start[b + 1]):
+            node = order[i]
+            local[i] = node - lo
+            p = parent[node]
+            parent_s[i] = inv[p] - lo if p >= 0 else -1
+            tokens_s[i] = tokens[node]
+            depth_s[i] = depth[node]
+            if is_trie[node]:
+                num_trie[b] += 1
+    return local, parent_s, tokens_s, depth_s, num_trie
 
 
-#: the whole kernel (lade_vllm.proposer.jit)
-_storage = Kernel(lambda njit: njit(_kernel_of(njit(_storage_perm))))
+#: ``_storage`` compiled (lade_vllm.proposer.jit)
+storage_kernel = Kernel(globals(), "_storage_perm", "_storage")
 
 
 def storage_arrays(tree):
     """(local order, storage parent, tokens, depth [T] in storage order, trie nodes [B]) of a
     CPU ``StepTree``, as numpy arrays (``storage_order`` slices them per sequence)."""
-    return _storage(tree.node_seq.numpy(), tree.is_trie.numpy(), tree.root_index.numpy(),
+    return storage_kernel(tree.node_seq.numpy(), tree.is_trie.numpy(), tree.root_index.numpy(),
                     tree.parent.numpy(), tree.tokens.numpy(), tree.depth.numpy(),
                     tree.seq_start.numpy())
 
@@ -79,6 +77,6 @@ def warm() -> float:
     """Compile the kernel on a one-node tree (imports numba); returns the seconds it took."""
     t0 = time.perf_counter()
     one, zero = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    _storage(zero, np.zeros(1, dtype=np.bool_), zero, -one, one, zero,
+    storage_kernel(zero, np.zeros(1, dtype=np.bool_), zero, -one, one, zero,
              np.array([0, 1], dtype=np.int64))
     return time.perf_counter() - t0

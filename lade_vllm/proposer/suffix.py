@@ -40,15 +40,14 @@ def _match_one(tokens, min_n, max_n, k, out):
     return 0
 
 
-def _batch_of(match_one):
-    def match_batch(flat, offsets, min_n, max_n, k, out, lengths):
-        for b in range(offsets.shape[0] - 1):
-            lengths[b] = match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
-    return match_batch
+def _match_batch(flat, offsets, min_n, max_n, k, out, lengths):
+    """``_match_one`` over every context ``flat[offsets[b]:offsets[b + 1]]``."""
+    for b in range(offsets.shape[0] - 1):
+        lengths[b] = _match_one(flat[offsets[b]:offsets[b + 1]], min_n, max_n, k, out[b])
 
 
-#: ``_match_one`` over every context (lade_vllm.proposer.jit)
-_match_batch = Kernel(lambda njit: njit(_batch_of(njit(_match_one))))
+#: ``_match_batch`` compiled (lade_vllm.proposer.jit)
+match_kernel = Kernel(globals(), "_match_one", "_match_batch")
 
 
 def suffix_match(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
@@ -65,7 +64,7 @@ def suffix_match(contexts: list[np.ndarray], k: int, min_n: int = MIN_MATCH,
     np.cumsum(lens, out=offsets[1:])
     flat = np.concatenate(contexts).astype(np.int64, copy=False) if offsets[-1] else \
         np.zeros(0, dtype=np.int64)
-    _match_batch(flat, offsets, min_n, max_n, k, out, lengths)
+    match_kernel(flat, offsets, min_n, max_n, k, out, lengths)
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 

@@ -69,35 +69,33 @@ def _before(cands, b, g1, n1, g2, n2):
     return n1 > n2
 
 
-def _trie_order_of(before):
-    def trie_order(cands, b, elen, merge, order, lcp):
-        """order[b, :n]: the n fed candidates of sequence b in trie order (merged: lexicographic,
-        stable insertion sort; else input order); lcp[b, i]: tokens that order[b, i] shares with
-        order[b, i-1] from the start (0 for the first, and everywhere without merging).
-        Returns n."""
-        G = cands.shape[1]
-        n = 0
-        for g in range(G):
-            e = elen[b, g]
-            if e == 0:
-                continue
-            i = n
-            if merge:
-                while i > 0 and before(cands, b, g, e, order[b, i - 1], elen[b, order[b, i - 1]]):
-                    order[b, i] = order[b, i - 1]
-                    i -= 1
-            order[b, i] = g
-            n += 1
-        for i in range(n):
-            k = 0
-            if merge and i > 0:
-                g1, g2 = order[b, i - 1], order[b, i]
-                m = min(elen[b, g1], elen[b, g2])
-                while k < m and cands[b, g1, k] == cands[b, g2, k]:
-                    k += 1
-            lcp[b, i] = k
-        return n
-    return trie_order
+def _trie_order(cands, b, elen, merge, order, lcp):
+    """order[b, :n]: the n fed candidates of sequence b in trie order (merged: lexicographic,
+    stable insertion sort; else input order); lcp[b, i]: tokens that order[b, i] shares with
+    order[b, i-1] from the start (0 for the first, and everywhere without merging).
+    Returns n."""
+    G = cands.shape[1]
+    n = 0
+    for g in range(G):
+        e = elen[b, g]
+        if e == 0:
+            continue
+        i = n
+        if merge:
+            while i > 0 and _before(cands, b, g, e, order[b, i - 1], elen[b, order[b, i - 1]]):
+                order[b, i] = order[b, i - 1]
+                i -= 1
+        order[b, i] = g
+        n += 1
+    for i in range(n):
+        k = 0
+        if merge and i > 0:
+            g1, g2 = order[b, i - 1], order[b, i]
+            m = min(elen[b, g1], elen[b, g2])
+            while k < m and cands[b, g1, k] == cands[b, g2, k]:
+                k += 1
+        lcp[b, i] = k
+    return n
 
 
 def _fill_sequence(b, s, f, w, last_tokens, levels, cands, elen, order, lcp, n,
@@ -136,55 +134,49 @@ def _fill_sequence(b, s, f, w, last_tokens, levels, cands, elen, order, lcp, n,
                 cand_node[b, g, j] = cand_node[b, order[b, i - 1], j]
 
 
-def _kernel_of(window_shape, fed_lengths, trie_order, fill_sequence):
-    def build(last_tokens, levels, num_filled, cands, cand_valid, D, window_size, num_cands,
-              cand_len, merge):
-        B, L, W = levels.shape
-        G = cands.shape[1]
-        filled = np.zeros(B, dtype=np.int64)
-        width = np.zeros(B, dtype=np.int64)
-        elen = np.zeros((B, G), dtype=np.int64)
-        order = np.zeros((B, G), dtype=np.int64)
-        lcp = np.zeros((B, G), dtype=np.int64)
-        nfed = np.zeros(B, dtype=np.int64)
-        seq_start = np.zeros(B + 1, dtype=np.int64)
-        # pass 1: shapes, fed candidates, node counts
-        for b in range(B):
-            f, w = window_shape(num_filled, window_size, b, L, W)
-            filled[b], width[b] = f, w
-            fed_lengths(cands, cand_valid, b, D, num_cands, cand_len, elen)
-            n = trie_order(cands, b, elen, merge, order, lcp)
-            nfed[b] = n
-            count = max(f * w, 1)
-            for i in range(n):
-                count += elen[b, order[b, i]] - lcp[b, i]
-            seq_start[b + 1] = seq_start[b] + count
-        # pass 2: the nodes
-        T = seq_start[B]
-        tokens = np.empty(T, dtype=np.int64)
-        depth = np.empty(T, dtype=np.int64)
-        parent = np.empty(T, dtype=np.int64)
-        node_seq = np.empty(T, dtype=np.int64)
-        is_trie = np.empty(T, dtype=np.bool_)
-        top = np.full((B, W), -1, dtype=np.int64)
-        cand_node = np.full((B, G, D), -1, dtype=np.int64)
-        for b in range(B):
-            fill_sequence(b, seq_start[b], filled[b], width[b], last_tokens, levels, cands, elen,
-                          order, lcp, nfed[b], tokens, depth, parent, node_seq, is_trie, top,
-                          cand_node)
-        num_nodes = seq_start[1:] - seq_start[:-1]
-        return (tokens, depth, parent, node_seq, is_trie, seq_start, num_nodes, filled, width,
-                top, cand_node)
-    return build
+def _build(last_tokens, levels, num_filled, cands, cand_valid, D, window_size, num_cands,
+          cand_len, merge):
+    B, L, W = levels.shape
+    G = cands.shape[1]
+    filled = np.zeros(B, dtype=np.int64)
+    width = np.zeros(B, dtype=np.int64)
+    elen = np.zeros((B, G), dtype=np.int64)
+    order = np.zeros((B, G), dtype=np.int64)
+    lcp = np.zeros((B, G), dtype=np.int64)
+    nfed = np.zeros(B, dtype=np.int64)
+    seq_start = np.zeros(B + 1, dtype=np.int64)
+    # pass 1: shapes, fed candidates, node counts
+    for b in range(B):
+        f, w = _window_shape(num_filled, window_size, b, L, W)
+        filled[b], width[b] = f, w
+        _fed_lengths(cands, cand_valid, b, D, num_cands, cand_len, elen)
+        n = _trie_order(cands, b, elen, merge, order, lcp)
+        nfed[b] = n
+        count = max(f * w, 1)
+        for i in range(n):
+            count += elen[b, order[b, i]] - lcp[b, i]
+        seq_start[b + 1] = seq_start[b] + count
+    # pass 2: the nodes
+    T = seq_start[B]
+    tokens = np.empty(T, dtype=np.int64)
+    depth = np.empty(T, dtype=np.int64)
+    parent = np.empty(T, dtype=np.int64)
+    node_seq = np.empty(T, dtype=np.int64)
+    is_trie = np.empty(T, dtype=np.bool_)
+    top = np.full((B, W), -1, dtype=np.int64)
+    cand_node = np.full((B, G, D), -1, dtype=np.int64)
+    for b in range(B):
+        _fill_sequence(b, seq_start[b], filled[b], width[b], last_tokens, levels, cands, elen,
+                      order, lcp, nfed[b], tokens, depth, parent, node_seq, is_trie, top,
+                      cand_node)
+    num_nodes = seq_start[1:] - seq_start[:-1]
+    return (tokens, depth, parent, node_seq, is_trie, seq_start, num_nodes, filled, width,
+            top, cand_node)
 
 
-def _compile(njit):
-    trie_order = njit(_trie_order_of(njit(_before)))
-    return njit(_kernel_of(njit(_window_shape), njit(_fed_lengths),
-                           trie_order, njit(_fill_sequence)))
-
-
-_build = Kernel(_compile)
+#: ``_build`` compiled (lade_vllm.proposer.jit)
+build_kernel = Kernel(globals(), "_window_shape", "_fed_lengths", "_before", "_trie_order",
+                      "_fill_sequence", "_build")
 
 
 def _array(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
@@ -201,7 +193,7 @@ def step_tree_fields(last_tokens, window_levels, num_filled, cands, cand_valid, 
                      window_size=None, num_cands=None, cand_len=None, merge: bool = True) -> dict:
     """``StepTree`` fields (but ``cand_len`` and ``max_depth``) of ``build_step_trees``' arguments,
     all on the CPU; ``D``: the candidate length fed (after ``max_cand_len``)."""
-    out = _build(_array(last_tokens, torch.int64), _array(window_levels, torch.int64),
+    out = build_kernel(_array(last_tokens, torch.int64), _array(window_levels, torch.int64),
                  _array(num_filled, torch.int64), _array(cands, torch.int64),
                  _array(cand_valid, torch.bool), D, _array(window_size, torch.int64),
                  _array(num_cands, torch.int64), _array(cand_len, torch.int64), bool(merge))

@@ -407,13 +407,12 @@ def test_jit_insert_with_colliding_fingerprints(monkeypatch, jit_path):
     if jit_path == "0":
         pytest.skip("kernel only")
     from lade_vllm.proposer import pool_jit as pj
-    from lade_vllm.proposer.jit import Kernel
 
     def weak(row, start, mult):
         return row[start] % 2
-    plain = Kernel(lambda njit: pj._insert_of(pj._bucket, weak, pj._find_key, pj._argmin,
-                                              pj._find_cont, pj._row_stamps))
-    monkeypatch.setattr(pj, "insert_kernel", plain)
+    # the kernel's Python function, calling the module's helpers by name: ``weak`` among them
+    monkeypatch.setattr(pj, "_fingerprint", weak)
+    monkeypatch.setattr(pj, "insert_kernel", getattr(pj._insert, "py_func", pj._insert))
     rng = random.Random(7)
     pool = NgramPool(2, 3, 3, max_keys=4, key_ways=2)
     ops = []
