@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import storage_jit, tree_jit
+from . import storage_jit, tree_jit, verify_jit
 from .pool import NgramPool, ngrams_from_tokens
 from .suffix import suffix_match
 from .tree import StepTree, build_step_trees
@@ -134,6 +134,7 @@ class LookaheadState:
         if self.device.type == "cpu":
             tree_jit.warm()
             storage_jit.warm()
+            verify_jit.warm()
 
     def suffix_match(self, contexts: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per context its suffix-match candidate, ``[B, suffix_tokens]`` (-1 padded; all -1: no

@@ -22,12 +22,14 @@ On a tree built with ``merge=False`` (siblings may repeat tokens) the earliest l
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .tree import StepTree
+from .verify_jit import verify_kernel
 
 
 @dataclass
@@ -40,8 +42,15 @@ class VerifyResult:
 
 
 def verify_tree(tree: StepTree, target: torch.Tensor) -> VerifyResult:
-    """Accept the deepest trie path whose tokens equal the target at their parent (see module doc)."""
+    """Accept the deepest trie path whose tokens equal the target at their parent (see module doc).
+    On the CPU by a compiled kernel (lade_vllm.proposer.verify_jit; ``LADE_JIT=0``: torch ops)."""
     target = target.long()
+    if target.is_cpu and tree.tokens.is_cpu and os.environ.get("LADE_JIT") != "0":
+        emitted, num_acc, accepted, last = (torch.from_numpy(a) for a in verify_kernel(
+            tree.tokens.numpy(), tree.parent.numpy(), tree.cand_node_index.contiguous().numpy(),
+            target.numpy(), tree.root_index.numpy()))
+        return VerifyResult(emitted=emitted, num_emitted=num_acc + 1, accepted_nodes=accepted,
+                            num_accepted=num_acc, last_node=last)
     B, D = tree.num_seqs, tree.cand_len
     dev = target.device
     cni = tree.cand_node_index                                                # [B, G, D]
@@ -56,8 +65,11 @@ def verify_tree(tree: StepTree, target: torch.Tensor) -> VerifyResult:
         path = torch.full((B, D), -1, dtype=torch.long, device=dev)
     cols = torch.arange(D, device=dev)[None, :]
     accepted = torch.where(cols < num_acc[:, None], path, -1)
-    last = torch.where(num_acc > 0, path.gather(1, (num_acc - 1).clamp(min=0)[:, None])[:, 0],
-                       tree.root_index)
+    if D == 0:   # no candidate token fed: the root's target only
+        last = tree.root_index.clone()
+    else:
+        last = torch.where(num_acc > 0, path.gather(1, (num_acc - 1).clamp(min=0)[:, None])[:, 0],
+                           tree.root_index)
     emitted = torch.full((B, D + 1), -1, dtype=torch.long, device=dev)
     emitted[:, :D] = torch.where(accepted >= 0, tree.tokens[accepted.clamp(min=0)], -1)
     emitted.scatter_(1, num_acc[:, None], target[last][:, None])
