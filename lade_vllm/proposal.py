@@ -11,7 +11,7 @@ import torch
 
 from lade_vllm.policy import FULL
 from lade_vllm.proposer import StepTree
-from lade_vllm.proposer.storage_jit import storage_arrays
+from lade_vllm.proposer.storage_jit import ancestor_kernel, storage_arrays
 
 
 @dataclass
@@ -50,17 +50,9 @@ class StepPlan:
 
 
 def ancestor_mask(parent: np.ndarray) -> torch.Tensor:
-    n = parent.shape[0]
-    mask = np.eye(n, dtype=bool)
-    cur = np.arange(n)
-    while True:
-        cur = np.where(cur >= 0, parent[np.maximum(cur, 0)], -1)
-        ok = cur >= 0
-        if not ok.any():
-            break
-        mask[np.nonzero(ok)[0], cur[ok]] = True
-    return torch.from_numpy(mask)
-
+    """[n, n] bool ancestor-or-self mask of a tree whose ``parent`` [n] (int64, -1 for the root) is
+    in storage order (a parent before its children)."""
+    return torch.from_numpy(ancestor_kernel(np.ascontiguousarray(parent, dtype=np.int64)))
 
 
 def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:

@@ -61,16 +61,31 @@ def _storage(node_seq, is_trie, root_index, parent, tokens, depth, seq_start):
     return local, parent_s, tokens_s, depth_s, num_trie
 
 
+def _ancestor_mask(parent):
+    """[n, n] bool: row i marks node i and its ancestors; ``parent`` [n] in storage order
+    (-1 for the root, a parent before its children), so row i is its parent's row plus i."""
+    n = parent.shape[0]
+    mask = np.zeros((n, n), dtype=np.bool_)
+    for i in range(n):
+        p = parent[i]
+        if p >= 0:
+            mask[i, :p + 1] = mask[p, :p + 1]
+        mask[i, i] = True
+    return mask
+
+
 #: ``_storage`` compiled (lade_vllm.proposer.jit)
 storage_kernel = Kernel(globals(), "_storage_perm", "_storage")
+#: ``_ancestor_mask`` compiled
+ancestor_kernel = Kernel(globals(), "_ancestor_mask")
 
 
 def storage_arrays(tree):
     """(local order, storage parent, tokens, depth [T] in storage order, trie nodes [B]) of a
     CPU ``StepTree``, as numpy arrays (``storage_order`` slices them per sequence)."""
     return storage_kernel(tree.node_seq.numpy(), tree.is_trie.numpy(), tree.root_index.numpy(),
-                    tree.parent.numpy(), tree.tokens.numpy(), tree.depth.numpy(),
-                    tree.seq_start.numpy())
+                          tree.parent.numpy(), tree.tokens.numpy(), tree.depth.numpy(),
+                          tree.seq_start.numpy())
 
 
 def warm() -> float:
@@ -78,5 +93,6 @@ def warm() -> float:
     t0 = time.perf_counter()
     one, zero = np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     storage_kernel(zero, np.zeros(1, dtype=np.bool_), zero, -one, one, zero,
-             np.array([0, 1], dtype=np.int64))
+                   np.array([0, 1], dtype=np.int64))
+    ancestor_kernel(-one)
     return time.perf_counter() - t0

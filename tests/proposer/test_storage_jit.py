@@ -53,3 +53,25 @@ def test_kernel_matches_torch_on_random_trees(monkeypatch, seed):
 def test_warm_compiles_and_reports_seconds():
     from lade_vllm.proposer import storage_jit
     assert storage_jit.warm() >= 0.0
+
+
+def test_ancestor_mask_of_every_storage_order_tree():
+    """``ancestor_mask`` of a request's storage-order parents marks exactly each node's
+    ancestors and itself (checked by walking the parents)."""
+    from lade_vllm.proposal import ancestor_mask
+    gen = torch.Generator().manual_seed(7)
+    seen = 0
+    for _ in range(examples(100)):
+        args, kwargs = random_batch(gen)
+        prop = storage_order([f"r{b}" for b in range(args[0].numel())], None, None,
+                             build_step_trees(*args, **kwargs))
+        for parent in prop.parent:
+            want = np.zeros((len(parent), len(parent)), dtype=bool)
+            for i in range(len(parent)):
+                j = i
+                while j >= 0:
+                    want[i, j] = True
+                    j = parent[j]
+            assert torch.equal(ancestor_mask(parent), torch.from_numpy(want))
+            seen = max(seen, int(want.sum(1).max()))
+    assert seen >= 4   # deep trees were among them
