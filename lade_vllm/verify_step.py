@@ -40,13 +40,13 @@ class StepVerifier:
         prop, plan = ctx.proposal, ctx.plan
         if prop.tree is None:        # chains: every node is a candidate's
             return None
-        rows = []
-        for j, k in enumerate(plan.prop_idx):
-            lo = int(prop.tree.seq_start[k])
-            st = prop.tree.is_trie[lo + torch.from_numpy(prop.order[k][:plan.num_nodes[j]])]
-            st[0] = True
-            rows.append(st)
-        return torch.cat(rows)
+        # storage order is [root | trie | window]: a request's first 1 + num_trie rows
+        rows = np.zeros(sum(plan.num_nodes), dtype=bool)
+        o = 0
+        for k, n in zip(plan.prop_idx, plan.num_nodes):
+            rows[o:o + min(n, 1 + prop.num_trie[k])] = True
+            o += n
+        return torch.from_numpy(rows)
 
     def node_depths(self, ctx: StepContext) -> np.ndarray:
         """[M] depth in its tree of each row of the plan's requests (rows concatenated)."""
