@@ -11,6 +11,7 @@ import torch
 from lade_vllm.chains import CHAIN_CLASSES, RECYCLED, match_class
 from lade_vllm.policy import CHAIN
 from lade_vllm.proposal import Proposal, StepPlan
+from lade_vllm.shadow_jit import begin_kernel, resolve_kernel
 
 
 def chain_candidates(suffix, recycled: np.ndarray | None) -> tuple[np.ndarray, list[int | None]]:
@@ -100,45 +101,29 @@ class ShadowChains:
     def resolve(self, rows: np.ndarray, slots: np.ndarray, nums: np.ndarray,
                 token_ids: np.ndarray) -> tuple[list[int], list[int], list[int]] | None:
         """Pending chains of ``slots`` (batch ``rows``, ``nums`` committed tokens in
-        ``token_ids``) that can be decided now: their drafts, accepted drafts and classes."""
-        pend = self.length[slots] > 0
-        if not pend.any():
+        ``token_ids``) that can be decided now (a draft differs from the committed token, or
+        every draft was checked): their drafts, accepted drafts and classes; those chains end.
+        A compiled loop (lade_vllm.shadow_jit)."""
+        out = np.empty((slots.shape[0], 3), dtype=np.int64)
+        done = resolve_kernel(rows, slots, nums, token_ids, self.chain, self.length, self.start,
+                              self.cls, out)
+        if not done:
             return None
-        rows, slots, nums = rows[pend], slots[pend], nums[pend]
-        m, n0 = self.length[slots], self.start[slots]
-        known = np.maximum(nums - n0, 0)
-        lim = np.minimum(m, known)
-        depth = np.arange(self.max_len)
-        at = np.minimum(n0[:, None] + depth, token_ids.shape[1] - 1)
-        same = (token_ids[rows[:, None], at] == self.chain[slots]) & (depth < lim[:, None])
-        accepted = np.cumprod(same, axis=1).sum(1)
-        done = (accepted < lim) | (known >= m)
-        if not done.any():
-            return None
-        self.length[slots[done]] = 0
-        return m[done].tolist(), accepted[done].tolist(), self.cls[slots[done]].tolist()
+        return out[:done, 0].tolist(), out[:done, 1].tolist(), out[:done, 2].tolist()
 
     def begin(self, slots: np.ndarray, nums: np.ndarray, cands: np.ndarray,
               classes: list[int | None], caps: np.ndarray) -> None:
         """Record the chain candidates (``cands`` [B, K], -1 padded, cut to ``caps``) of the
         slots without a pending chain; rows whose class is None have none."""
-        has = np.array([c is not None for c in classes]) & (self.length[slots] == 0)
-        if not has.any():
-            return
-        k = min(cands.shape[1], self.max_len)
-        lengths = np.minimum((cands[:, :k] >= 0).sum(1), np.minimum(caps, k))
-        has &= lengths > 0
-        s = slots[has]
-        self.chain[s] = -1
-        self.chain[s, :k] = cands[has, :k]
-        self.length[s] = lengths[has]
-        self.start[s] = nums[has]
-        self.cls[s] = [classes[b] for b in np.flatnonzero(has)]
+        begin_kernel(slots, nums, np.ascontiguousarray(cands, dtype=np.int64),
+                     np.array([-1 if c is None else c for c in classes], dtype=np.int64),
+                     np.ascontiguousarray(caps, dtype=np.int64), self.chain, self.length,
+                     self.start, self.cls)
 
     def report(self, policy, rows: list[tuple], token_ids: np.ndarray) -> None:
         """Resolve the pending chains of the engine's ``rows`` (row, request, slot, last, num)
         against ``token_ids`` and tell ``policy`` (``observe_shadow``)."""
-        seen = self.resolve(*_row_arrays(rows), token_ids)
+        seen = self.resolve(*row_arrays(rows), token_ids)
         if seen is not None:
             policy.observe_shadow(*seen)
 
@@ -146,13 +131,14 @@ class ShadowChains:
         """Begin the shadows of this step's chain candidates (``chains``: candidates, classes)
         that are not drafted: all of them, or at CHAIN (``cut``: the policy's per-class
         lengths; falsy otherwise) those of classes cut to 0."""
-        _, slots, nums = _row_arrays(rows)
+        _, slots, nums = row_arrays(rows)
         classes = chains[1] if not cut else \
             [c if c is not None and not cut[c] else None for c in chains[1]]
         self.begin(slots, nums, chains[0], classes, slot_cap.numpy()[slots])
 
 
-def _row_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_arrays(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch rows, slots and committed token counts of the engine's rows."""
-    return (np.array([r[0] for r in rows]), np.array([r[2] for r in rows]),
-            np.array([r[4] for r in rows]))
+    return (np.array([r[0] for r in rows], dtype=np.int64),
+            np.array([r[2] for r in rows], dtype=np.int64),
+            np.array([r[4] for r in rows], dtype=np.int64))

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from lade_vllm.attention import TreeLayout
-from lade_vllm.chain_step import ShadowChains, chain_candidates, count_matches, propose_chains
+from lade_vllm.chain_step import ShadowChains, chain_candidates, count_matches, propose_chains, \
+    row_arrays
+from lade_vllm import shadow_jit
 from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, decision_log, forced_level
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order
@@ -98,8 +100,11 @@ class LadeEngine(StepVerifier):
         self.step = StepContext()
         self.period = StepPeriod()   # whole steps, proposal to proposal, for the policy
         self.start_seconds = 0.0     # spent starting requests' lookahead state in this proposal
-        # compile the numba kernels now (suffix matcher, CPU pool), not in the first request's step
+        # load the numba kernels now (suffix matcher, CPU pool and trees, shadow chains), not in
+        # the first request's step
         self.state.warm()
+        if self.shadow is not None:
+            shadow_jit.warm()
         # finished / resumed requests, told to the attention backend with the next tree layout
         self.kv_stale: set[str] = set()
 
@@ -172,7 +177,7 @@ class LadeEngine(StepVerifier):
         self.stats["steps"] += 1
         contexts = [batch.token_ids[i, :n] for i, *_, n in rows]
         if self.successors is not None:
-            self.successors.committed([r[2] for r in rows], contexts)
+            self.successors.committed(batch.token_ids, *row_arrays(rows))
         # the chain candidates are found first (the context match, else the recycled
         # successors): at CHAIN only they draft, by chain class
         suffix = self.state.suffix_match(contexts)   # (candidates [B, K], match lengths [B])

@@ -48,3 +48,71 @@ def test_begin_keeps_a_pending_chain_skips_rows_without_one_and_cuts_to_the_cap(
     sh.drop([0])
     assert sh.length[0] == 0
     assert sh.resolve(np.array([0]), np.array([0]), np.array([4]), tokens([1, 2, 5, 6])) is None
+
+
+def _reference_resolve(sh, rows, slots, nums, token_ids):
+    """The array formulation of ``ShadowChains.resolve`` (numpy), the kernel's reference."""
+    pend = sh.length[slots] > 0
+    if not pend.any():
+        return None
+    rows, slots, nums = rows[pend], slots[pend], nums[pend]
+    m, n0 = sh.length[slots], sh.start[slots]
+    known = np.maximum(nums - n0, 0)
+    lim = np.minimum(m, known)
+    depth = np.arange(sh.max_len)
+    at = np.minimum(n0[:, None] + depth, token_ids.shape[1] - 1)
+    same = (token_ids[rows[:, None], at] == sh.chain[slots]) & (depth < lim[:, None])
+    accepted = np.cumprod(same, axis=1).sum(1)
+    done = (accepted < lim) | (known >= m)
+    if not done.any():
+        return None
+    sh.length[slots[done]] = 0
+    return m[done].tolist(), accepted[done].tolist(), sh.cls[slots[done]].tolist()
+
+
+def _reference_begin(sh, slots, nums, cands, classes, caps):
+    has = np.array([c is not None for c in classes]) & (sh.length[slots] == 0)
+    if not has.any():
+        return
+    k = min(cands.shape[1], sh.max_len)
+    lengths = np.minimum((cands[:, :k] >= 0).sum(1), np.minimum(caps, k))
+    has &= lengths > 0
+    s = slots[has]
+    sh.chain[s] = -1
+    sh.chain[s, :k] = cands[has, :k]
+    sh.length[s] = lengths[has]
+    sh.start[s] = nums[has]
+    sh.cls[s] = [classes[b] for b in np.flatnonzero(has)]
+
+
+def test_the_compiled_loops_equal_the_array_formulation():
+    """Random shadow traffic (tiny vocabulary, so drafts match often; chains longer and shorter
+    than max_len; caps; slots without a candidate): the same results and per-slot arrays."""
+    import copy
+    rng = np.random.default_rng(3)
+    for case in range(60):
+        S, L = int(rng.integers(1, 6)), int(rng.integers(1, 7))
+        sh, ref = ShadowChains(S, L), None
+        ref = copy.deepcopy(sh)
+        width = 40
+        ctx = rng.integers(0, 3, size=(S, width)).astype(np.int32)
+        nums = rng.integers(1, 10, size=S)
+        for step in range(12):
+            B = int(rng.integers(1, S + 1))
+            slots = rng.permutation(S)[:B].astype(np.int64)
+            rows = np.arange(B, dtype=np.int64)
+            nums[slots] = np.minimum(nums[slots] + rng.integers(0, 4, size=B), width)
+            token_ids = ctx[slots]
+            n = nums[slots].astype(np.int64)
+            assert sh.resolve(rows, slots, n, token_ids) == \
+                _reference_resolve(ref, rows, slots, n, token_ids)
+            K = int(rng.integers(0, L + 3))
+            cands = rng.integers(0, 3, size=(B, K))
+            cut = rng.integers(0, K + 1, size=B)
+            cands[np.arange(K)[None, :] >= cut[:, None]] = -1
+            classes = [None if rng.random() < 0.3 else int(rng.integers(0, 4)) for _ in range(B)]
+            caps = rng.integers(0, L + 2, size=B)
+            sh.begin(slots, n, cands, classes, caps)
+            _reference_begin(ref, slots, n, cands, classes, caps)
+            for name in ("chain", "length", "start", "cls"):
+                assert np.array_equal(getattr(sh, name), getattr(ref, name)), (case, step, name)

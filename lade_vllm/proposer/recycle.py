@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .jit import Kernel
+
 #: at most this many rows (update) or chains (chains) take the plain-Python path
 SMALL = 8
 
@@ -70,6 +72,22 @@ class Successors:
         return out
 
 
+def _commit_pairs(token_ids, rows, slots, nums, upto, table):
+    """``Recycler.committed``: table[t] = the token after t, over each slot's new tokens."""
+    vocab = table.shape[0] - 1
+    for i in range(rows.shape[0]):
+        s, num = slots[i], nums[i]
+        for p in range(upto[s], num):
+            t, g = token_ids[rows[i], p - 1], token_ids[rows[i], p]
+            if 0 <= t < vocab and 0 <= g < vocab:
+                table[t] = g
+        if num > upto[s]:
+            upto[s] = num
+
+
+commit_kernel = Kernel(globals(), "_commit_pairs")
+
+
 class Recycler:
     """The engine's successor table and, per slot, how far its committed tokens were recycled."""
 
@@ -86,18 +104,13 @@ class Recycler:
         after the prompt) is recycled at the next proposal; the prompt's own pairs are text."""
         self.upto[slot] = max(num_tokens - 1, 1)
 
-    def committed(self, slots, contexts) -> None:
+    def committed(self, token_ids: np.ndarray, rows: np.ndarray, slots: np.ndarray,
+                  nums: np.ndarray) -> None:
         """Each token committed since a slot was last seen is the model's target after the token
-        before it (plain steps and requests without drafts included)."""
-        src, dst = [], []
-        for slot, context in zip(slots, contexts):
-            upto, num = int(self.upto[slot]), len(context)
-            if num > upto:
-                src.append(context[upto - 1:num - 1])
-                dst.append(context[upto:num])
-                self.upto[slot] = num
-        if src:
-            self.successors.update(np.concatenate(src), np.concatenate(dst))
+        before it (plain steps and requests without drafts included): batch row ``rows[i]`` of
+        ``token_ids`` holds slot ``slots[i]``'s ``nums[i]`` committed tokens. A compiled loop
+        over the new pairs, in batch order (later pairs win)."""
+        commit_kernel(token_ids, rows, slots, nums, self.upto, self.successors.table)
 
     def verified(self, tokens: np.ndarray, targets: np.ndarray) -> None:
         """Verified rows: input ``tokens``, their ``targets``."""

@@ -47,3 +47,21 @@ def test_the_small_path_agrees_with_the_batched_one():
         lasts = rng.integers(-2, 14, int(rng.integers(1, recycle.SMALL + 1)))
         padded = np.concatenate([lasts, np.full(recycle.SMALL + 1 - lasts.size, 3)])
         assert small.chains(lasts, 5).tolist() == small.chains(padded, 5)[:lasts.size].tolist()
+
+
+def test_committed_pairs_of_each_slot_since_it_was_last_seen():
+    """``Recycler.committed`` reads each slot's new tokens from its batch row: every new token
+    is the successor of the one before it, later pairs win, ids outside the vocabulary are
+    ignored, and a slot's next call starts where the last one ended."""
+    from lade_vllm.proposer.recycle import Recycler
+    rec = Recycler(10, max_seqs=3)
+    rec.start(2, 3)   # 3 tokens so far: the last one (the prefill's prediction) is recycled next
+    rec.start(0, 2)
+    token_ids = np.array([[1, 2, 3, 4, 1, 5, 0], [7, 8, 12, 9, 0, 0, 0]], dtype=np.int32)
+    rec.committed(token_ids, np.array([0, 1]), np.array([2, 0]), np.array([6, 4]))
+    # slot 2 (row 0): pairs (2,3) (3,4) (4,1) (1,5); slot 0 (row 1): (7,8), then (8,12) and
+    # (12,9) ignored
+    assert rec.table[:10].tolist() == [-1, 5, 3, 4, 1, -1, -1, 8, -1, -1]
+    token_ids[0, 6] = 6
+    rec.committed(token_ids, np.array([0]), np.array([2]), np.array([7]))
+    assert int(rec.table[5]) == 6 and rec.upto[2] == 7
