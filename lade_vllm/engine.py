@@ -27,10 +27,10 @@ import time
 import numpy as np
 import torch
 
+from lade_vllm import shadow_jit
 from lade_vllm.attention import TreeLayout
 from lade_vllm.chain_step import ShadowChains, chain_candidates, count_matches, propose_chains, \
     row_arrays
-from lade_vllm import shadow_jit
 from lade_vllm.config import LadeConfig
 from lade_vllm.policy import CHAIN, LOOKUP, OFF, AdaptivePolicy, decision_log, forced_level
 from lade_vllm.proposal import Proposal, StepPlan, ancestor_mask, storage_order

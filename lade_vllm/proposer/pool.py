@@ -353,6 +353,8 @@ def _int64_numpy(t: torch.Tensor, shape: tuple) -> np.ndarray:
     if t.dtype != torch.int64 or not t.is_contiguous():
         t = t.long().contiguous()
     return t.numpy().reshape(shape)
+
+
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
