@@ -19,7 +19,8 @@ Phases (vLLM 0.32 GPUModelRunner, nested ones indented):
       lade_verify    LadeRunnerAdapter.verify (tree verification, pool/window update, KV move)
     lade_propose     LadeRunnerAdapter.propose (pool lookup, window, tree build)
 
-``--cprofile PREFIX`` also profiles lade's three hooks (cProfile, only while they run).
+``--cprofile PREFIX`` also profiles lade's three hooks (cProfile, only while they run);
+``--functions`` times lade's main host functions inside them (wall clock, no profiler overhead).
 """
 from __future__ import annotations
 
@@ -102,6 +103,48 @@ def instrument() -> None:
 
 ORDER = ["execute_model", "prepare_inputs", "lade_before_forward", "model_forward", "attention",
          "sample_tokens", "sample", "lade_verify", "lade_propose"]
+
+#: ``--functions``: lade's host work inside the hooks, one timer each (module, class or None,
+#: attribute); functions imported by name are timed where they are called
+FUNCTIONS = [
+    ("lade_vllm.engine", "LadeEngine", "propose"), ("lade_vllm.engine", "LadeEngine", "plan"),
+    ("lade_vllm.engine", "LadeEngine", "_lade_rows"), ("lade_vllm.engine", "LadeEngine", "_build"),
+    ("lade_vllm.policy", "AdaptivePolicy", "choose"),
+    ("lade_vllm.policy", "AdaptivePolicy", "observe_step"),
+    ("lade_vllm.proposer.state", "LookaheadState", "suffix_match"),
+    ("lade_vllm.proposer.state", "LookaheadState", "propose"),
+    ("lade_vllm.proposer.state", "LookaheadState", "commit"),
+    ("lade_vllm.proposer.recycle", "Recycler", "committed"),
+    ("lade_vllm.chain_step", "ShadowChains", "report"),
+    ("lade_vllm.chain_step", "ShadowChains", "record"),
+    ("lade_vllm.verify_step", "StepVerifier", "accept"),
+    ("lade_vllm.engine", None, "propose_chains"), ("lade_vllm.engine", None, "storage_order"),
+    ("lade_vllm.adapter.runner", None, "node_targets"),
+]
+
+
+def instrument_functions() -> list[str]:
+    """Wall timers on FUNCTIONS (named ``<class or module>.<attribute>``); returns the names."""
+    import importlib
+    names = []
+    for module, cls, attr in FUNCTIONS:
+        mod = importlib.import_module(module)
+        name = f"{cls or module.rsplit('.', 1)[1]}.{attr}"
+        if cls is not None:
+            _timed(getattr(mod, cls), attr, name)
+        else:
+            original = getattr(mod, attr)
+
+            def wrapper(*args, _f=original, _name=name, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    TIMES[_name] += time.perf_counter() - t
+                    CALLS[_name] += 1
+            setattr(mod, attr, wrapper)
+        names.append(name)
+    return names
 INDENT = {"prepare_inputs": 1, "lade_before_forward": 2, "model_forward": 1, "attention": 2,
           "sample": 1, "lade_verify": 2, "lade_propose": 1}
 
@@ -123,6 +166,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cprofile", metavar="PREFIX",
                     help="write a cProfile of lade's hooks (propose, before_forward, verify) per "
                          "method to PREFIX-<method>.pstats and print its top functions")
+    ap.add_argument("--functions", action="store_true",
+                    help="also time lade's host functions inside the hooks (FUNCTIONS), ms per "
+                         "engine step each")
     ap.add_argument("--causal-trees", action="store_true",
                     help="timing only, outputs wrong: tree steps run vLLM's causal kernel (no tree "
                          "layout), i.e. a chain step of the same tokens; compare with a run "
@@ -158,11 +204,17 @@ def main(argv=None) -> None:
     print(f"{'levels o/c/l/f':<24}" + "".join(
         f"{'/'.join(map(str, r.get('levels', []))) or '-':>12}" for _, r, _ in rows))
     print(f"{'tok/s':<24}" + "".join(f"{r['tok_s']:>12.1f}" for _, r, _ in rows))
+    if args.functions:
+        print("\nlade host functions, ms per engine step (calls)")
+        for _, r, per in rows:
+            for k, (ms, calls) in r.get("functions", {}).items():
+                print(f"  {k:<30}{ms:>8.3f}  ({calls})")
 
 
 def _profile_one(args) -> dict:
     """One method in this process (vLLM cannot build a second in-process engine)."""
     instrument()
+    functions = instrument_functions() if args.functions and args.one.startswith("lade") else []
     from vllm import LLM, SamplingParams
 
     from tools import measure, prompts
@@ -205,7 +257,8 @@ def _profile_one(args) -> dict:
     per = {k: 1000 * TIMES[k] / steps for k in ORDER}
     per["step"] = 1000 * res.seconds / steps
     out = {"per": per, "steps": steps, "tok_s": res.tokens_per_s,
-           "tokens_per_step": res.tokens_per_step, "fed_per_step": TIMES["fed"] / steps}
+           "tokens_per_step": res.tokens_per_step, "fed_per_step": TIMES["fed"] / steps,
+           "functions": {k: (1000 * TIMES[k] / steps, CALLS[k]) for k in functions}}
     policy = llm.collective_rpc("lade_policy")[0]
     if policy:
         out["levels"] = policy["history"]
