@@ -3,7 +3,6 @@ the proposed trees in the order vLLM sees their nodes ([root | trie | window] pe
 plan of which of them were scheduled whole, and the subset of a batch's trees to commit."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from lade_vllm.policy import FULL
 from lade_vllm.proposer import StepTree
+from lade_vllm.proposer import jit
 from lade_vllm.proposer.storage_jit import ancestor_kernel, storage_arrays
 
 
@@ -60,7 +60,7 @@ def storage_order(req_ids, slots, lasts, tree: StepTree) -> Proposal:
 
     On the CPU by a compiled kernel (lade_vllm.proposer.storage_jit; ``LADE_JIT=0``: torch ops),
     with the same fields."""
-    if os.environ.get("LADE_JIT") != "0" and tree.tokens.is_cpu:
+    if jit.enabled() and tree.tokens.is_cpu:
         return _storage_order_kernel(req_ids, slots, lasts, tree)
     T = tree.total_nodes
     group = torch.where(tree.is_trie, 1, 2)

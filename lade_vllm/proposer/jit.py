@@ -14,6 +14,13 @@ in well under a second instead of compiling it for seconds.
 """
 from __future__ import annotations
 
+import os
+
+
+def enabled() -> bool:
+    """Whether CPU work uses the compiled kernels (``LADE_JIT=0``: the torch code)."""
+    return os.environ.get("LADE_JIT") != "0"
+
 
 class Kernel:
     """The compiled function ``names[-1]`` of module ``namespace`` (its globals), compiled with

@@ -39,12 +39,10 @@ code on CPU too (``NgramPool.use_jit``; the two can be mixed on one pool).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from . import pool_jit
+from . import jit, pool_jit
 from .pool_ops import (_FP_BITS, _INT64_MAX, _fingerprint, _hash_mults, _merge_recent,
                        _rank_in_runs, _take_slots, _unique_rows)
 
@@ -105,7 +103,7 @@ class NgramPool:
         self._np = None  # numpy views of the tables for the CPU kernels, made on first use
         # insert / lookup run the numba kernels: on CPU, unless LADE_JIT=0 when the pool is made
         # (read once: os.environ costs ~6 us per call after a model forward)
-        self.use_jit = self.device.type == "cpu" and os.environ.get("LADE_JIT") != "0"
+        self.use_jit = self.device.type == "cpu" and jit.enabled()
 
     # ------------------------------------------------------------------ sizes
     @staticmethod

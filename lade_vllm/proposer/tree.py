@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from . import jit
 from .tree_jit import step_tree_fields
 
 @dataclass
@@ -270,7 +270,7 @@ def _candidate_trie(cands, cand_valid, num_cands, cand_len, merge, sc_, bc):
 
 def _use_kernel(*tensors) -> bool:
     """The compiled kernel builds the trees: every input is on the CPU and LADE_JIT is not 0."""
-    if os.environ.get("LADE_JIT") == "0":
+    if not jit.enabled():
         return False
     return all(t is None or t.is_cpu for t in tensors)
 

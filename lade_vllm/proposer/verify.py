@@ -22,13 +22,13 @@ On a tree built with ``merge=False`` (siblings may repeat tokens) the earliest l
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .tree import StepTree
+from . import jit
 from .verify_jit import verify_kernel
 
 
@@ -45,7 +45,7 @@ def verify_tree(tree: StepTree, target: torch.Tensor) -> VerifyResult:
     """Accept the deepest trie path whose tokens equal the target at their parent (see module doc).
     On the CPU by a compiled kernel (lade_vllm.proposer.verify_jit; ``LADE_JIT=0``: torch ops)."""
     target = target.long()
-    if target.is_cpu and tree.tokens.is_cpu and os.environ.get("LADE_JIT") != "0":
+    if target.is_cpu and tree.tokens.is_cpu and jit.enabled():
         emitted, num_acc, accepted, last = (torch.from_numpy(a) for a in verify_kernel(
             tree.tokens.numpy(), tree.parent.numpy(), tree.cand_node_index.contiguous().numpy(),
             target.numpy(), tree.root_index.numpy()))
