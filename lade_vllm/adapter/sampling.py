@@ -166,6 +166,8 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 _BF16_NEG_INF = -32641   # bfloat16 -inf (0xFF80) under _bf16_argmax's order-preserving map
+_BF16_POS_INF = 0x7F80   # bfloat16 +inf; patterns above it are NaNs
+_BF16_NEG_NAN_BELOW = 0xFF80   # unsigned patterns above -inf (0xFF80) are NaNs with the sign bit
 
 
 def _bf16_argmax(x: torch.Tensor) -> torch.Tensor | None:
@@ -176,6 +178,14 @@ def _bf16_argmax(x: torch.Tensor) -> torch.Tensor | None:
     a = x.view(torch.int16).numpy()
     if a.size == 0:
         return None
+    # a row whose maximum is positive and finite (a model's logits, nearly always) is its raw
+    # int16 argmax, negative patterns lying below every positive one: two vectorized passes
+    # (no NaN with the sign bit anywhere, the argmax), no row-sized temporaries
+    if int(a.view(np.uint16).max()) <= _BF16_NEG_NAN_BELOW:
+        k = a.argmax(axis=-1)
+        top = a[np.arange(a.shape[0]), k]
+        if bool(((top > 0) & (top <= _BF16_POS_INF)).all()):
+            return torch.from_numpy(k)
     neg = a >> 15                                    # -1 for negative patterns, else 0
     k = a ^ (neg & 0x7FFF)
     k -= neg                                         # -0 (0x8000 -> -1) up to 0, in step
