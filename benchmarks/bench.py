@@ -52,6 +52,16 @@ METHODS = {
                     "adaptive": False},
     "lade-W4N4G4": {"method": "lade", "window_size": 4, "ngram_size": 4, "guess_set_size": 4,
                     "adaptive": False},
+    # small windows (README, "What a batch-1 step can afford"): the window and pool alone, every
+    # step a tree; and the adaptive policy over them
+    "lade-window-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3,
+                           "guess_set_size": 2, "adaptive": False, "suffix_tokens": 0,
+                           "recycle": False},
+    "lade-window-W3N3G2": {"method": "lade", "window_size": 3, "ngram_size": 3,
+                           "guess_set_size": 2, "adaptive": False, "suffix_tokens": 0,
+                           "recycle": False},
+    "lade-a-W2N3G2": {"method": "lade", "window_size": 2, "ngram_size": 3, "guess_set_size": 2},
+    "lade-a-W3N4G3": {"method": "lade", "window_size": 3, "ngram_size": 4, "guess_set_size": 3},
 }
 #: engine arguments of a method besides its speculative config
 ENGINE_ARGS = {"vanilla-sync": {"async_scheduling": False}}
